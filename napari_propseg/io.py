@@ -1,0 +1,803 @@
+"""CT input/output with true geometry (SimpleITK underneath, no Qt).
+
+Every volume lives in memory in one orientation, **canonical LPS** (see
+``docs/ARCHITECTURE.md``): ``array`` is (Z, Y, X) with x (last axis) running toward the
+patient's Left, y toward Posterior and z (first axis) toward Superior. Reading a file
+reorients its voxels to that layout by a pure permutation/flip of the array axes (no
+interpolation), and records in :attr:`Volume.source` what is needed to put the voxels back
+into the file's own layout; :func:`write_volume` and :func:`write_labels` do exactly that,
+so a label file written by the tool has the same array layout, spacing, origin and
+direction as the image it was drawn on.
+
+Geometry conventions (ITK): ``direction`` is a 3x3 matrix whose column ``j`` is the
+physical (x, y, z) LPS direction of the index axis ``j`` (ITK index order i, j, k = numpy
+axes 2, 1, 0). ``origin`` is the physical LPS (x, y, z) position of the centre of voxel
+``array[0, 0, 0]``; ``spacing`` is in array order (sz, sy, sx), millimetres.
+
+Example:
+    >>> vol = read_volume("ct.nii.gz")                 # doctest: +SKIP
+    >>> labels = read_labels("seg.nrrd", like=vol)     # doctest: +SKIP
+    >>> write_labels(labels.array, vol, "out.nii.gz")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: File name endings read by :func:`read_volume` (lower case; DICOM is a folder).
+VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+#: File name endings written by :func:`write_volume` / :func:`write_labels`.
+WRITE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd")
+
+_SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+_POS_LETTERS = ("L", "P", "S")  # index axis runs toward +x, +y, +z (LPS)
+_NEG_LETTERS = ("R", "A", "I")
+# Tolerances for "same grid": geometry read from different formats differs by float32
+# rounding (NIfTI header) or by DICOM slice-position arithmetic (~1e-14 mm).
+_SPACING_RTOL = 1e-4
+_ORIGIN_TOL_VOXELS = 1e-2
+_DIRECTION_ATOL = 1e-4
+#: Fraction of the image's extent (along each physical axis) a label file on another
+#: grid must cover to be resampled rather than refused.
+MIN_LABEL_COVERAGE = 0.9
+
+
+# --------------------------------------------------------------------------- Volume
+
+
+@dataclass
+class Volume:
+    """A 3-D image in canonical LPS with its physical geometry.
+
+    Attributes:
+        array: (Z, Y, X) voxels, canonical LPS (x -> Left, y -> Posterior, z -> Superior).
+        spacing: (sz, sy, sx) voxel size in mm, array order.
+        origin: physical LPS (x, y, z) in mm of the centre of ``array[0, 0, 0]``.
+        direction: (3, 3) ITK direction (column j = physical x, y, z direction of index
+            axis j, i.e. of numpy axis 2 - j). The identity for axis-aligned files; a
+            near-identity residual rotation for oblique ones.
+        path: the file or DICOM folder read, if any.
+        source: what :func:`write_volume` needs to restore the file's own layout
+            (original array shape, axis permutation and flips, spacing, origin,
+            direction, orientation code). Plain Python types only.
+        meta: free-form (series UID, notices, label names, ...).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    path: str | None = None
+    source: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+        *,
+        path: str | None = None,
+        meta: dict | None = None,
+    ) -> "Volume":
+        """Wrap an array that is already in canonical LPS (identity direction).
+
+        Args:
+            array: (Z, Y, X) voxels, canonical LPS.
+            spacing: (sz, sy, sx) in mm.
+            origin: physical LPS (x, y, z) of ``array[0, 0, 0]`` in mm.
+            path: optional file the array stands for.
+            meta: optional free-form metadata.
+
+        Returns:
+            A Volume whose file orientation is LPS (written files are LPS too).
+        """
+        array = np.asarray(array)
+        if array.ndim != 3:
+            raise ValueError(f"Volume.from_array needs a (Z, Y, X) array, got shape {array.shape}")
+        spacing_t = _float3(spacing, "spacing")
+        origin_t = _float3(origin, "origin")
+        if min(spacing_t) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing_t}")
+        direction = np.eye(3)
+        source = _make_source(
+            file_shape=array.shape,
+            perm=(0, 1, 2),
+            signs=(1, 1, 1),
+            itk_spacing=spacing_t[::-1],
+            itk_origin=origin_t,
+            itk_direction=direction,
+        )
+        return cls(array, spacing_t, origin_t, direction, path, source, dict(meta or {}))
+
+    def like(self, array: np.ndarray) -> "Volume":
+        """A new Volume with this one's geometry and file layout and another array.
+
+        Args:
+            array: (Z, Y, X) array of the same shape as ``self.array``, canonical LPS.
+
+        Returns:
+            Volume sharing spacing/origin/direction/source (copied) and a copy of ``meta``
+            without its ``notice``.
+        """
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise ValueError(f"Volume.like: array shape {array.shape} differs from the volume's {self.array.shape}")
+        meta = {k: v for k, v in self.meta.items() if k != "notice"}
+        return Volume(
+            array,
+            self.spacing,
+            self.origin,
+            np.array(self.direction, dtype=float, copy=True),
+            self.path,
+            copy.deepcopy(self.source),
+            meta,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) shape of the canonical array."""
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter code of the ORIGINAL file's orientation (e.g. 'LPS', 'LAS', 'RAS').
+
+        Letter ``k`` says toward which patient side the file's index axis ``k`` (i, j, k
+        = x, y, z storage order) runs (nibabel/"toward" convention).
+        """
+        return str(self.source.get("orientation", "LPS"))
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """This volume (or ``array`` on its grid) as a SimpleITK image in canonical layout.
+
+        Args:
+            array: optional (Z, Y, X) array of the same shape; defaults to ``self.array``.
+
+        Returns:
+            sitk.Image with size (X, Y, Z), spacing (sx, sy, sz), this origin and direction.
+        """
+        arr = self.array if array is None else np.asarray(array)
+        if arr.shape != self.array.shape:
+            raise ValueError(f"array shape {arr.shape} differs from the volume's {self.array.shape}")
+        img = sitk.GetImageFromArray(_sitk_compatible(arr))
+        img.SetSpacing(tuple(float(s) for s in self.spacing[::-1]))
+        img.SetOrigin(tuple(float(o) for o in self.origin))
+        img.SetDirection(tuple(float(d) for d in np.asarray(self.direction, dtype=float).ravel()))
+        return img
+
+    def physical_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned physical bounding box (x, y, z) of the voxels' outer faces, in mm."""
+        return _bounds(
+            np.asarray(self.origin, float),
+            np.asarray(self.spacing[::-1], float),
+            np.asarray(self.direction, float),
+            np.asarray(self.array.shape[::-1], float),
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _float3(values: Sequence[float], what: str) -> tuple[float, float, float]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) != 3:
+        raise ValueError(f"{what} needs 3 values, got {values!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _sitk_compatible(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype == np.float16:
+        return arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def orientation_code(direction: np.ndarray) -> str:
+    """Three-letter "toward" orientation code of an ITK direction matrix (e.g. 'LPS').
+
+    Args:
+        direction: (3, 3), column j = physical direction of index axis j.
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    perm, signs = _closest_permutation(d)
+    letters = [""] * 3
+    for p in range(3):
+        j = perm[p]
+        letters[j] = _POS_LETTERS[p] if signs[p] > 0 else _NEG_LETTERS[p]
+    return "".join(letters)
+
+
+def _closest_permutation(d: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """For each physical axis p, the index axis perm[p] closest to it and its sign.
+
+    Picks the permutation maximising sum |d[p, perm[p]]| (exact for any rotation,
+    including oblique ones, where a greedy per-axis choice could pick one axis twice).
+    """
+    best = max(itertools.permutations(range(3)), key=lambda pm: sum(abs(d[p, pm[p]]) for p in range(3)))
+    signs = tuple(1 if d[p, best[p]] >= 0 else -1 for p in range(3))
+    return tuple(best), signs  # type: ignore[return-value]
+
+
+def _make_source(*, file_shape, perm, signs, itk_spacing, itk_origin, itk_direction) -> dict:
+    direction = np.asarray(itk_direction, dtype=float).reshape(3, 3)
+    return {
+        "file_shape": [int(s) for s in file_shape],  # numpy (k, j, i) shape of the file's array
+        "perm": [int(p) for p in perm],  # canonical ITK axis p <- file ITK axis perm[p]
+        "flip": [bool(s < 0) for s in signs],  # canonical ITK axis p is reversed
+        "spacing": [float(s) for s in itk_spacing],  # file's ITK (x, y, z) order
+        "origin": [float(o) for o in itk_origin],
+        "direction": [float(v) for v in direction.ravel()],
+        "orientation": orientation_code(direction),
+    }
+
+
+def _bounds(origin, spacing_xyz, direction, size_xyz) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned box (lo, hi), physical (x, y, z), around the voxel faces."""
+    corners = np.array(list(itertools.product((0, 1), repeat=3)))
+    # continuous index of the outer faces: -0.5 and size - 0.5
+    idx = np.where(corners == 0, -0.5, size_xyz[None, :] - 0.5)
+    pts = origin[None, :] + (idx * spacing_xyz[None, :]) @ direction.T
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def _lower_suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Cheap DICOM sniff: 'DICM' at byte 128 (Part 10) or a .dcm name."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _folder_has_dicom(folder: Path, max_files: int = 64) -> bool:
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return False
+    return any(_is_dicom_file(p) for p in entries[:max_files])
+
+
+def is_readable_path(path: str | os.PathLike) -> bool:
+    """Cheap check (no pixel data read) whether :func:`read_volume` would take ``path``.
+
+    True for an existing file with a supported extension, or a folder holding at least
+    one DICOM file among its first entries. Never raises.
+    """
+    try:
+        p = Path(path)
+        if p.is_dir():
+            return _folder_has_dicom(p)
+        return p.is_file() and _lower_suffix(p) in VOLUME_EXTENSIONS
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _dicom_tag(filename: str, tag: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(filename)
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def _check_folder(folder: Path) -> None:
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"Cannot list folder {folder} ({exc.strerror}); check its permissions.") from None
+    if not entries:
+        raise InputError(f"Folder {folder} is empty; point to a folder holding a DICOM series or to a CT file.")
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """DICOM series found directly in ``folder`` (not in subfolders), most slices first.
+
+    Args:
+        folder: a folder of DICOM files.
+
+    Returns:
+        One dict per series: ``uid`` (SeriesInstanceUID, '' when the files carry none),
+        ``n_slices`` (number of files), ``description`` (SeriesDescription or '').
+
+    Raises:
+        InputError: missing or empty folder, or no DICOM series in it.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"Folder {folder} does not exist; check the path.")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; list_dicom_series needs a folder of DICOM files.")
+    _check_folder(folder)
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series = []
+    for uid in ids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        if not files:
+            continue
+        series.append({"uid": uid, "n_slices": len(files), "description": _dicom_tag(files[0], "0008|103e")})
+    if not series:
+        hint = " (it has subfolders: open the one holding the series)" if any(p.is_dir() for p in folder.iterdir()) else ""
+        raise InputError(
+            f"Folder {folder} holds no DICOM series{hint}; point to a DICOM series folder or to a "
+            f"{_SUPPORTED_TEXT.replace(' or a DICOM series folder', '')} file."
+        )
+    series.sort(key=lambda s: (-s["n_slices"], s["uid"]))
+    return series
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
+    series = list_dicom_series(folder)
+    if series_uid is None:
+        chosen = series[0]
+    else:
+        matches = [s for s in series if s["uid"] == series_uid]
+        if not matches:
+            known = ", ".join(repr(s["uid"]) for s in series)
+            raise InputError(f"Folder {folder} has no DICOM series with UID {series_uid!r}; the series found are {known}.")
+        chosen = matches[0]
+    meta: dict[str, Any] = {"series_uid": chosen["uid"], "series": series, "series_description": chosen["description"]}
+    if len(series) > 1 and series_uid is None:
+        others = "; ".join(f"{s['uid'] or '(no UID)'} ({s['n_slices']} slices)" for s in series[1:])
+        notice = (
+            f"Folder {folder} holds {len(series)} DICOM series; read {chosen['uid'] or '(no UID)'} "
+            f"({chosen['n_slices']} slices, the most), others: {others}; pick one with series_uid/--series."
+        )
+        log.warning(notice)
+        meta["notice"] = notice
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen["uid"])
+    if len(files) < 2:
+        raise InputError(
+            f"DICOM series {chosen['uid'] or '(no UID)'} in {folder} has a single slice (a 2-D image); "
+            "napari-propseg needs a 3-D CT series."
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read the DICOM series in {folder} ({_first_line(exc)}); check that its files are complete.") from None
+    _check_slice_spacing(reader, len(files), folder, meta)
+    return img, meta
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, n: int, folder: Path, meta: dict) -> None:
+    """Warn (and note in meta) when DICOM slices are unevenly spaced (missing slices)."""
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        iop = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError, IndexError):
+        return
+    normal = np.cross(iop[:3], iop[3:])
+    steps = np.diff(np.sort(pos @ normal))
+    if steps.size and steps.max() - steps.min() > 0.01 * max(abs(np.median(steps)), 1e-6):
+        msg = (
+            f"DICOM series in {folder} has uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, "
+            "missing slices?); the volume uses the mean spacing."
+        )
+        log.warning(msg)
+        meta["notice"] = (meta.get("notice", "") + " " + msg).strip()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages look like "Exception thrown in SimpleITK ReadImage: /path/file.cxx:123:\nITK ERROR: ..."
+    for ln in lines:
+        if "ERROR" in ln:
+            return ln.split("ERROR:", 1)[-1].strip().rstrip(".")[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def _read_sitk(path: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
+    """Read ``path`` (file or DICOM folder) into a 3-D scalar sitk image, or raise InputError."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist; check the path.")
+    meta: dict[str, Any] = {}
+    if path.is_dir():
+        img, meta = _read_dicom_series(path, series_uid)
+    else:
+        suffix = _lower_suffix(path)
+        if suffix not in VOLUME_EXTENSIONS:
+            raise InputError(
+                f"{path.name} has an unsupported file type {suffix or '(no extension)'!r}; "
+                f"napari-propseg reads {_SUPPORTED_TEXT}."
+            )
+        if suffix == ".dcm":
+            # A single DICOM file stands for its series: read the series it belongs to.
+            uid = series_uid if series_uid is not None else _dicom_tag(str(path), "0020|000e")
+            return _read_sitk(path.parent, uid)
+        try:
+            if path.stat().st_size == 0:
+                raise InputError(f"{path} is empty (0 bytes); the file is incomplete, copy or export it again.")
+        except OSError as exc:
+            raise InputError(f"Cannot access {path} ({exc.strerror}); check its permissions.") from None
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise InputError(
+                f"Cannot read {path} ({_first_line(exc)}); the file is damaged, truncated or not a {suffix} image."
+            ) from None
+    _check_image(img, path)
+    if img.GetDimension() == 4:
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    return img, meta
+
+
+def _check_image(img: sitk.Image, path: Path) -> None:
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        raise InputError(
+            f"{path} is a colour/vector image ({ncomp} components per voxel); napari-propseg needs a "
+            "single-channel CT volume in Hounsfield units."
+        )
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise InputError(f"{path} holds complex numbers; napari-propseg needs a real-valued CT volume.")
+    dim = img.GetDimension()
+    size = img.GetSize()
+    if dim == 2 or (dim == 3 and min(size) == 1):
+        raise InputError(f"{path} is a 2-D image (size {'x'.join(map(str, size))}); napari-propseg needs a 3-D CT volume.")
+    if dim == 4 and size[3] != 1:
+        raise InputError(
+            f"{path} is a 4-D volume ({'x'.join(map(str, size))}, e.g. a time series); "
+            "extract one 3-D volume from it first."
+        )
+    if dim not in (3, 4):
+        raise InputError(f"{path} is a {dim}-D image; napari-propseg needs a 3-D CT volume.")
+    if dim == 4 and min(size[:3]) == 1:
+        raise InputError(f"{path} is a 2-D image (size {'x'.join(map(str, size))}); napari-propseg needs a 3-D CT volume.")
+
+
+def _canonicalize(img: sitk.Image, path: str | None, meta: dict) -> Volume:
+    """Reorient a 3-D sitk image to canonical LPS by axis permutation and flips only."""
+    arr = sitk.GetArrayFromImage(img)  # numpy (k, j, i)
+    d = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    sp = np.array(img.GetSpacing(), dtype=float)
+    org = np.array(img.GetOrigin(), dtype=float)
+    size = np.array(img.GetSize(), dtype=float)
+    perm, signs = _closest_permutation(d)
+
+    # canonical ITK axis p <- file ITK axis perm[p]; numpy axis b = ITK axis 2 - b.
+    axes = [2 - perm[2 - b] for b in range(3)]
+    out = np.transpose(arr, axes)
+    flip_np = [b for b in range(3) if signs[2 - b] < 0]
+    if flip_np:
+        out = np.flip(out, axis=flip_np)
+    out = np.ascontiguousarray(out)
+
+    new_dir = np.empty((3, 3))
+    first_idx = np.zeros(3)
+    for p in range(3):
+        new_dir[:, p] = d[:, perm[p]] * signs[p]
+        if signs[p] < 0:
+            first_idx[perm[p]] = size[perm[p]] - 1
+    new_dir += 0.0  # no negative zeros
+    new_origin = org + d @ (sp * first_idx)
+    new_sp_xyz = [sp[perm[p]] for p in range(3)]
+    source = _make_source(
+        file_shape=arr.shape, perm=perm, signs=signs, itk_spacing=sp, itk_origin=org, itk_direction=d
+    )
+    return Volume(
+        array=out,
+        spacing=tuple(float(s) for s in new_sp_xyz[::-1]),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in new_origin),  # type: ignore[arg-type]
+        direction=new_dir,
+        path=path,
+        source=source,
+        meta=meta,
+    )
+
+
+def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
+    """Read a CT volume (NIfTI, NRRD, MHA/MHD, DICOM series folder) into canonical LPS.
+
+    Args:
+        path: image file, or folder of a DICOM series (a single ``.dcm`` file stands for
+            its series). With several series in a folder the one with most slices is read
+            and ``meta['notice']`` lists the others.
+        series_uid: SeriesInstanceUID of the DICOM series to read instead.
+
+    Returns:
+        Volume with ``array`` (Z, Y, X) in the file's pixel type (HU for CT, rescale
+        slope/intercept applied for DICOM) and ``meta`` holding ``series`` (list of dicts
+        from :func:`list_dicom_series`) and ``series_uid`` for DICOM input.
+
+    Raises:
+        InputError: missing path, unsupported extension, unreadable/truncated file,
+            2-D, colour/vector or 4-D image, empty folder, folder without DICOM.
+    """
+    p = Path(path).expanduser()
+    img, meta = _read_sitk(p, series_uid)
+    vol = _canonicalize(img, str(p), meta)
+    log.info("read %s: shape %s, spacing %s, file orientation %s", p, vol.shape, vol.spacing, vol.orientation)
+    return vol
+
+
+def volume_info(vol: Volume) -> dict[str, Any]:
+    """Summary of a volume for display (``propseg info``).
+
+    Returns:
+        dict with ``path``, ``shape`` (Z, Y, X), ``spacing`` (sz, sy, sx) mm, ``origin``
+        (x, y, z) mm, ``orientation`` (file's code), ``dtype``, ``hu_min``, ``hu_max``,
+        ``series`` (list of series dicts, empty for a file), ``series_uid`` and ``notice``.
+    """
+    arr = vol.array
+    finite = arr if np.issubdtype(arr.dtype, np.integer) else arr[np.isfinite(arr)]
+    return {
+        "path": vol.path,
+        "shape": vol.shape,
+        "spacing": tuple(float(s) for s in vol.spacing),
+        "origin": tuple(float(o) for o in vol.origin),
+        "orientation": vol.orientation,
+        "oblique": bool(not np.allclose(vol.direction, np.eye(3), atol=_DIRECTION_ATOL)),
+        "dtype": str(arr.dtype),
+        "hu_min": float(finite.min()) if finite.size else float("nan"),
+        "hu_max": float(finite.max()) if finite.size else float("nan"),
+        "series": list(vol.meta.get("series", [])),
+        "series_uid": vol.meta.get("series_uid"),
+        "notice": vol.meta.get("notice"),
+    }
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """Narrowest integer type for label ids 0..max_id: uint8, uint16 or int32."""
+    if max_id <= np.iinfo(np.uint8).max:
+        return np.dtype(np.uint8)
+    if max_id <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if max_id <= np.iinfo(np.int32).max:
+        return np.dtype(np.int32)
+    raise InputError(f"Label id {max_id} is too large; label ids must fit in a 32-bit integer.")
+
+
+def _as_label_array(arr: np.ndarray, what: str) -> np.ndarray:
+    """Integer label array in the narrowest type, or InputError (negative / non-integral)."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{what} holds NaN or infinite values; a label map needs whole-number ids.")
+        if not np.array_equal(arr, np.round(arr)):
+            raise InputError(
+                f"{what} holds non-integer values (e.g. probabilities); a label map needs whole-number ids, "
+                "threshold or argmax it first."
+            )
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} has pixel type {arr.dtype}; a label map needs integer ids.")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise InputError(f"{what} holds negative label ids (min {lo}); label ids must be 0 (background) or positive.")
+    return arr.astype(label_dtype(int(hi)), copy=False)
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    if a.shape != b.shape:
+        return False
+    sa, sb = np.asarray(a.spacing), np.asarray(b.spacing)
+    if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0):
+        return False
+    if not np.allclose(a.direction, b.direction, atol=_DIRECTION_ATOL, rtol=0):
+        return False
+    tol = _ORIGIN_TOL_VOXELS * float(min(sa.min(), sb.min()))
+    return bool(np.all(np.abs(np.asarray(a.origin) - np.asarray(b.origin)) <= tol))
+
+
+def read_labels(path: str | os.PathLike, like: Volume) -> Volume:
+    """Read a label file and put it on ``like``'s grid (canonical LPS).
+
+    Same grid (up to float rounding): taken as is. Another grid covering the same
+    physical space (at least :data:`MIN_LABEL_COVERAGE` of the image's extent along each
+    axis): nearest-neighbour resampled onto ``like``'s grid, and ``meta['notice']`` says
+    so. Otherwise refused.
+
+    Args:
+        path: label file (or DICOM folder) with integer ids; float files with whole-number
+            values are accepted.
+        like: the image the labels belong to.
+
+    Returns:
+        Volume with ``like``'s geometry and ``source`` (so writing restores the image's
+        file layout) and an integer (Z, Y, X) array in the narrowest type.
+
+    Raises:
+        InputError: unreadable file, non-integral or negative values, or a grid that does
+            not cover the image.
+    """
+    p = Path(path).expanduser()
+    img, meta = _read_sitk(p, None)
+    lab = _canonicalize(img, str(p), meta)
+    what = f"Label file {p}"
+    arr = _as_label_array(lab.array, what)
+    out = like.like(np.zeros(like.shape, dtype=arr.dtype))
+    out.path = str(p)
+    out.meta = {"label_source": {"orientation": lab.orientation, "shape": lab.shape, "spacing": lab.spacing}}
+    if _same_grid(lab, like):
+        out.array = arr
+        if lab.orientation != like.orientation:
+            log.info("%s is stored as %s, the image as %s: reoriented without resampling", p, lab.orientation, like.orientation)
+        return out
+
+    lo_i, hi_i = like.physical_bounds()
+    lo_l, hi_l = lab.physical_bounds()
+    extent = hi_i - lo_i
+    overlap = np.clip(np.minimum(hi_i, hi_l) - np.maximum(lo_i, lo_l), 0, None)
+    coverage = overlap / np.maximum(extent, 1e-9)
+    if np.any(coverage < MIN_LABEL_COVERAGE):
+        raise InputError(
+            f"{what} is on another grid (shape {lab.shape} vs the image's {like.shape}) and covers only "
+            f"{100 * float(coverage.min()):.0f}% of the image's extent along one axis; "
+            "use a label file drawn on this image."
+        )
+    label_img = lab.to_sitk(arr)
+    ref = like.to_sitk(np.zeros(like.shape, dtype=np.uint8))
+    res = sitk.Resample(label_img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label_img.GetPixelID())
+    out.array = sitk.GetArrayFromImage(res).astype(arr.dtype, copy=False)
+    notice = (
+        f"{what} is on another grid (shape {lab.shape}, spacing "
+        f"{tuple(round(s, 3) for s in lab.spacing)} mm) than the image (shape {like.shape}, spacing "
+        f"{tuple(round(s, 3) for s in like.spacing)} mm); it was resampled onto the image grid with nearest neighbour."
+    )
+    log.warning(notice)
+    out.meta["notice"] = notice
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _to_file_layout(array: np.ndarray, like: Volume) -> sitk.Image:
+    """Undo the canonicalisation: canonical (Z, Y, X) -> the file's own array + geometry."""
+    src = like.source or Volume.from_array(like.array, like.spacing, like.origin).source
+    if not src.get("perm"):
+        raise ValueError("Volume.source lacks the file layout; build volumes with read_volume or Volume.from_array")
+    perm = src["perm"]
+    flip = src["flip"]
+    flip_np = [b for b in range(3) if flip[2 - b]]
+    out = np.flip(array, axis=flip_np) if flip_np else array
+    axes = [2 - perm[2 - b] for b in range(3)]  # canonical np axis b <- file np axis axes[b]
+    out = np.transpose(out, np.argsort(axes))
+    if list(out.shape) != list(src["file_shape"]):
+        raise ValueError(f"layout mismatch: {out.shape} vs file shape {src['file_shape']}")
+    img = sitk.GetImageFromArray(_sitk_compatible(np.ascontiguousarray(out)))
+    img.SetSpacing(tuple(src["spacing"]))
+    img.SetOrigin(tuple(src["origin"]))
+    img.SetDirection(tuple(src["direction"]))
+    return img
+
+
+def _check_write_target(path: Path) -> str:
+    suffix = _lower_suffix(path)
+    if suffix not in WRITE_EXTENSIONS:
+        raise InputError(
+            f"Cannot write {path.name}: unsupported file type {suffix or '(no extension)'!r}; "
+            "use .nii.gz, .nii or .nrrd."
+        )
+    if not path.parent.is_dir():
+        raise InputError(f"Cannot write {path}: folder {path.parent} does not exist; create it first.")
+    if path.is_dir():
+        raise InputError(f"Cannot write {path}: it is a folder; give a file name ending in .nii.gz or .nrrd.")
+    return suffix
+
+
+def _atomic_write(img: sitk.Image, path: Path, suffix: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=str(path.parent))
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, tmp, useCompression=(suffix in (".nrrd", ".nii.gz")))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as exc:
+        _remove_quietly(tmp)
+        reason = _first_line(exc) if isinstance(exc, RuntimeError) else (exc.strerror or str(exc))
+        raise InputError(f"Cannot write {path} ({reason}); check the disk space and permissions.") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    log.info("wrote %s", path)
+
+
+def _remove_quietly(tmp: str) -> None:
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+
+
+def _check_shape(array: np.ndarray, like: Volume, what: str) -> None:
+    if array.ndim != 3 or array.shape != like.array.shape:
+        raise InputError(
+            f"{what} has shape {tuple(array.shape)} but the image has shape {like.shape}; "
+            "they must be drawn on the same (Z, Y, X) grid."
+        )
+
+
+def write_volume(array: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
+    """Write ``array`` on ``like``'s grid, in ``like``'s original file layout, atomically.
+
+    Args:
+        array: (Z, Y, X) canonical-LPS array of ``like``'s shape (any numeric type).
+        like: the volume whose geometry and file orientation are restored.
+        path: ``.nii.gz``, ``.nii`` or ``.nrrd`` (the extension picks the format).
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: unsupported extension, missing folder, shape mismatch, write failure
+            (the old file, if any, is left untouched and no partial file remains).
+    """
+    p = Path(path).expanduser()
+    suffix = _check_write_target(p)
+    arr = np.asarray(array)
+    _check_shape(arr, like, "The array to write")
+    _atomic_write(_to_file_layout(arr, like), p, suffix)
+    return p
+
+
+def write_labels(labels: np.ndarray | Volume, like: Volume, path: str | os.PathLike) -> Path:
+    """Write an integer label volume on ``like``'s grid and original file layout, atomically.
+
+    Args:
+        labels: (Z, Y, X) canonical-LPS label ids (or a Volume), 0 = background;
+            float arrays must hold whole numbers.
+        like: the image the labels were drawn on.
+        path: ``.nii.gz``, ``.nii`` or ``.nrrd``.
+
+    Returns:
+        The path written. The file's pixel type is uint8, uint16 or int32, the narrowest
+        that holds the largest id.
+
+    Raises:
+        InputError: as :func:`write_volume`, plus negative or non-integral ids.
+    """
+    p = Path(path).expanduser()
+    suffix = _check_write_target(p)
+    arr = labels.array if isinstance(labels, Volume) else np.asarray(labels)
+    _check_shape(arr, like, "The label volume")
+    arr = _as_label_array(arr, "The label volume")
+    _atomic_write(_to_file_layout(arr, like), p, suffix)
+    return p
