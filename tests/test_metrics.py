@@ -1,0 +1,175 @@
+"""Metrics: hand-computed cases, empty-mask conventions, SimpleITK cross-check, CSV/CLI."""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from napari_propseg.errors import InputError
+from napari_propseg.metrics import (
+    CSV_COLUMNS,
+    MetricAccumulator,
+    binary_metrics,
+    compute_metrics,
+    mean_row,
+)
+
+
+def _cubes(shift_x: int = 3):
+    a = np.zeros((30, 30, 30), np.uint8)
+    a[10:20, 10:20, 10:20] = 1
+    b = np.zeros_like(a)
+    b[10:20, 10:20, 10 + shift_x:20 + shift_x] = 1
+    return a, b
+
+
+def test_offset_cubes_exact_overlap_and_distances():
+    a, b = _cubes(3)
+    m = binary_metrics(a, b, (1.0, 1.0, 1.0))
+    # |A∩B| = 10*10*7 = 700, |A| = |B| = 1000.
+    assert m["dice"] == pytest.approx(2 * 700 / 2000)
+    assert m["jaccard"] == pytest.approx(700 / 1300)
+    assert m["rvd"] == 0.0
+    assert m["hd"] == pytest.approx(3.0)  # x-faces are 3 voxels apart
+    assert m["hd95"] <= m["hd"] + 1e-12
+    # Border voxels: 1000 - 8^3 = 488 per cube; 7 x-slices x 36 ring voxels are border of both.
+    assert binary_metrics(a, b, (1, 1, 1), tolerance_mm=0.0)["nsd"] == pytest.approx(2 * 252 / 976)
+    # Within 1 mm: the 252 shared + 36 ring voxels of the next slice + 28 face voxels one
+    # voxel from the other cube's side faces, per direction.
+    assert m["nsd"] == pytest.approx(2 * 316 / 976)
+    assert binary_metrics(a, b, (1, 1, 1), tolerance_mm=3.0)["nsd"] == 1.0
+
+
+def test_offset_cubes_anisotropic_spacing_scales_distances():
+    a, b = _cubes(3)
+    m = binary_metrics(a, b, (3.0, 1.5, 2.0))
+    assert m["dice"] == pytest.approx(0.7)
+    assert m["hd"] == pytest.approx(6.0)  # 3 voxels along x at 2 mm
+    shifted_z = np.roll(a, 2, axis=0)
+    assert binary_metrics(a, shifted_z, (3.0, 1.5, 2.0))["hd"] == pytest.approx(6.0)  # 2 voxels at 3 mm
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0)])
+def test_concentric_spheres_distance_is_radius_difference(spacing):
+    shape = tuple(int(round(36 / s)) for s in spacing)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    r = np.sqrt(sum(((g - (n - 1) / 2) * s) ** 2 for g, n, s in zip(grids, shape, spacing)))
+    big, small = r <= 14.0, r <= 10.0
+    m = binary_metrics(big, small, spacing)
+    assert m["hd95"] == pytest.approx(4.0, abs=1.0)
+    assert m["asd"] == pytest.approx(4.0, abs=0.75)
+    assert m["nsd"] == 0.0  # every surface voxel is ~4 mm from the other surface
+    assert binary_metrics(big, small, spacing, tolerance_mm=6.0)["nsd"] == 1.0
+    assert m["rvd"] == pytest.approx(big.sum() / small.sum() - 1)
+
+
+def test_identical_masks_are_perfect():
+    a, _ = _cubes()
+    m = binary_metrics(a, a, (2.0, 0.7, 0.7))
+    assert (m["dice"], m["jaccard"], m["nsd"], m["hd95"], m["hd"], m["asd"], m["rvd"]) == (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_empty_conventions():
+    e = np.zeros((8, 8, 8), np.uint8)
+    f = e.copy()
+    f[2:5, 2:5, 2:5] = 1
+    both = binary_metrics(e, e, (1, 1, 1))
+    assert (both["dice"], both["jaccard"], both["nsd"], both["hd95"], both["asd"], both["rvd"]) == (1, 1, 1, 0, 0, 0)
+    missed = binary_metrics(e, f, (1, 1, 1))  # prediction empty, GT not
+    assert (missed["dice"], missed["jaccard"], missed["nsd"], missed["rvd"]) == (0, 0, 0, -1)
+    assert math.isinf(missed["hd95"]) and math.isinf(missed["asd"]) and math.isinf(missed["hd"])
+    false_pos = binary_metrics(f, e, (1, 1, 1))  # GT empty, prediction not
+    assert (false_pos["dice"], false_pos["jaccard"], false_pos["nsd"]) == (0, 0, 0)
+    assert math.isinf(false_pos["rvd"]) and false_pos["rvd"] > 0
+    assert math.isinf(false_pos["hd95"]) and math.isinf(false_pos["asd"])
+
+
+def test_compute_metrics_multilabel_and_absent_label():
+    a, b = _cubes(3)
+    gt = a.copy()
+    gt[0:4, 0:4, 0:4] = 2
+    pred = b.copy()
+    pred[0:4, 0:4, 0:4] = 2
+    rows = compute_metrics(pred, gt, (1, 1, 1), labels=[1, 2, 5])
+    assert [r["label"] for r in rows] == [1, 2, 5]
+    assert rows[0]["dice"] == pytest.approx(0.7)
+    assert rows[1]["dice"] == 1.0  # touches the volume corner: border handled
+    assert rows[2]["dice"] == 1.0 and rows[2]["gt_voxels"] == 0  # absent from both
+    assert rows[1]["gt_ml"] == pytest.approx(64 / 1000)
+    m = mean_row(rows)
+    assert m["n_labels"] == 2  # the absent label does not inflate the mean
+    assert m["dice"] == pytest.approx((0.7 + 1.0) / 2)
+    assert [r["label"] for r in compute_metrics(pred, gt, (1, 1, 1))] == [1, 2]
+
+
+def test_bad_input_raises_input_error():
+    a, b = _cubes()
+    with pytest.raises(InputError):
+        compute_metrics(a, b[:-1], (1, 1, 1))
+    with pytest.raises(InputError):
+        compute_metrics(a, b, (1, 0, 1))
+    with pytest.raises(InputError):
+        compute_metrics(a[0], b[0], (1, 1, 1))
+    with pytest.raises(InputError):
+        compute_metrics(a, b, (1, 1, 1), labels=[0])
+
+
+def _ellipsoid(shape, center, axes):
+    g = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g[i] - center[i]) / axes[i]) ** 2 for i in range(3)) <= 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_against_simpleitk(seed):
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(seed)
+    shape = (24, 40, 36)
+    spacing = (2.5, 0.8, 0.7)
+    gt = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    for lab in (1, 2, 3):
+        c = rng.uniform(8, 16, 3)
+        ax = rng.uniform(3, 8, 3)
+        gt[_ellipsoid(shape, c, ax)] = lab
+        pred[_ellipsoid(shape, c + rng.uniform(-2, 2, 3), ax * rng.uniform(0.8, 1.2, 3))] = lab
+    rows = compute_metrics(pred, gt, spacing)
+
+    def img(a):
+        im = sitk.GetImageFromArray(a)
+        im.SetSpacing(spacing[::-1])  # ITK order (x, y, z)
+        return im
+
+    ov = sitk.LabelOverlapMeasuresImageFilter()
+    ov.Execute(img(pred), img(gt))
+    for r in rows:
+        lab = r["label"]
+        if r["gt_voxels"] == 0 or r["pred_voxels"] == 0:
+            continue
+        assert r["dice"] == pytest.approx(ov.GetDiceCoefficient(lab), abs=1e-9)
+        assert r["jaccard"] == pytest.approx(ov.GetJaccardCoefficient(lab), abs=1e-9)
+        # SimpleITK's volume similarity 2(P-G)/(P+G) expressed through our rvd = P/G - 1.
+        assert 2 * r["rvd"] / (r["rvd"] + 2) == pytest.approx(ov.GetVolumeSimilarity(lab), abs=1e-9)
+        hd = sitk.HausdorffDistanceImageFilter()
+        hd.Execute(img((pred == lab).astype(np.uint8)), img((gt == lab).astype(np.uint8)))
+        # SimpleITK measures to all voxels, we to border voxels: identical maxima (the
+        # farthest point always lies outside the other mask).
+        assert r["hd"] == pytest.approx(hd.GetHausdorffDistance(), abs=1e-6)
+
+
+def test_accumulator_csv(tmp_path):
+    a, b = _cubes(3)
+    acc = MetricAccumulator(label_names={1: "liver"})
+    acc.update(b, a, (1, 1, 1), case="c1")
+    acc.update(a, a, (1, 1, 1), case="c2")
+    agg = acc.aggregate()
+    assert agg[1]["dice"] == pytest.approx((0.7 + 1.0) / 2) and agg[1]["n_cases"] == 2
+    out = acc.to_csv(tmp_path / "r.csv")
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    assert [(r["case"], r["label"], r["name"]) for r in rows] == [("c1", "1", "liver"), ("c1", "mean", "mean"), ("c2", "1", "liver"), ("c2", "mean", "mean")]
+    assert float(rows[0]["dice"]) == pytest.approx(0.7)
+    acc.reset()
+    assert acc.rows == []
