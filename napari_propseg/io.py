@@ -22,10 +22,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import gzip
 import itertools
 import logging
 import os
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -451,13 +454,68 @@ def _read_sitk(path: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
         try:
             img = sitk.ReadImage(str(path))
         except RuntimeError as exc:
+            log.debug("SimpleITK could not read %s: %s", path, exc)
             raise InputError(
-                f"Cannot read {path} ({_first_line(exc)}); the file is damaged, truncated or not a {suffix} image."
+                f"Cannot read {path}: the file is damaged, truncated or not a {suffix} image; export it again."
             ) from None
+        if suffix in (".nii", ".nii.gz") and _nifti_truncated(path):
+            # ITK's NIfTI reader pads missing voxel data silently; refuse instead.
+            raise InputError(f"{path} is truncated (its voxel data ends early); copy or export the file again.")
     _check_image(img, path)
     if img.GetDimension() == 4:
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     return img, meta
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (voxel offset + data), from its header; None if unknown."""
+    for endian in ("<", ">"):
+        (hsize,) = struct.unpack(endian + "i", header[:4])
+        if hsize == 348 and len(header) >= 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            (bitpix,) = struct.unpack(endian + "h", header[72:74])
+            (offset,) = struct.unpack(endian + "f", header[108:112])
+            break
+        if hsize == 540 and len(header) >= 540:
+            (bitpix,) = struct.unpack(endian + "h", header[12:14])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            (offset,) = struct.unpack(endian + "q", header[168:176])
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    nvox = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    return int(max(offset, 348 if hsize == 348 else 540)) + nvox * bitpix // 8
+
+
+def _nifti_truncated(path: Path) -> bool:
+    """True if a .nii/.nii.gz file holds fewer bytes than its header promises."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                header = fh.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None:
+                return False
+            # Cheap check first: the gzip trailer stores the uncompressed size mod 2**32.
+            with open(path, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                (isize,) = struct.unpack("<I", fh.read(4))
+            if isize == expected % 2**32:
+                return False
+            total = 0  # trailer disagrees (multi-member or extension data?): decompress to be sure
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    total += len(chunk)
+            return total < expected
+        with open(path, "rb") as fh:
+            header = fh.read(540)
+        expected = _nifti_expected_bytes(header)
+        return expected is not None and path.stat().st_size < expected
+    except (OSError, EOFError, gzip.BadGzipFile, struct.error, zlib.error):
+        return True
 
 
 def _check_image(img: sitk.Image, path: Path) -> None:
