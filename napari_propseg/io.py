@@ -185,6 +185,42 @@ class Volume:
         img.SetDirection(tuple(float(d) for d in np.asarray(self.direction, dtype=float).ravel()))
         return img
 
+    def to_metadata(self) -> dict[str, Any]:
+        """Geometry as plain Python types (for a napari layer's ``metadata``), no array.
+
+        :meth:`from_metadata` rebuilds a Volume on the same grid from it, so a Labels layer
+        drawn on an image layer can be written back onto the image file's grid.
+        """
+        return {
+            "spacing": [float(s) for s in self.spacing],
+            "origin": [float(o) for o in self.origin],
+            "direction": [float(v) for v in np.asarray(self.direction, float).ravel()],
+            "path": self.path,
+            "source": copy.deepcopy(self.source),
+        }
+
+    @classmethod
+    def from_metadata(cls, array: np.ndarray, metadata: dict[str, Any]) -> "Volume":
+        """Volume with ``array`` (Z, Y, X) and the geometry from :meth:`to_metadata`.
+
+        Raises:
+            InputError: ``metadata`` lacks geometry, or ``array``'s shape does not match it.
+        """
+        try:
+            spacing = _float3(metadata["spacing"], "spacing")
+            origin = _float3(metadata["origin"], "origin")
+            direction = np.asarray(metadata["direction"], dtype=float).reshape(3, 3)
+            source = copy.deepcopy(dict(metadata.get("source") or {}))
+        except (KeyError, TypeError, ValueError):
+            raise InputError("The layer carries no CT geometry (spacing, origin, direction); open the image with napari-propseg's reader.") from None
+        array = np.asarray(array)
+        if source.get("file_shape") is not None and array.ndim == 3:
+            perm = source["perm"]
+            expected = [source["file_shape"][2 - perm[2 - b]] for b in range(3)]
+            if list(array.shape) != expected:
+                raise InputError(f"Array shape {array.shape} does not match the image grid {tuple(expected)}; draw the labels on the image they belong to.")
+        return cls(array, spacing, origin, direction, metadata.get("path"), source, {})
+
     def physical_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned physical bounding box (x, y, z) of the voxels' outer faces, in mm."""
         return _bounds(

@@ -340,6 +340,13 @@ def test_volume_from_array_and_like(tmp_path):
     out = write_volume(arr, vol, tmp_path / "p.nrrd")
     back = read_volume(out)
     _assert_same_volume(vol, back)
+    again = Volume.from_metadata(arr, read_volume(out).to_metadata())
+    _assert_same_volume(back, again)
+    assert again.source == back.source
+    with pytest.raises(InputError):
+        Volume.from_metadata(arr[:, :2], vol.to_metadata())
+    with pytest.raises(InputError):
+        Volume.from_metadata(arr, {})
     lo, hi = vol.physical_bounds()
     np.testing.assert_allclose(lo, np.array(origin) - 0.5 * np.array(spacing[::-1]))
     np.testing.assert_allclose(hi, lo + np.array(spacing[::-1]) * np.array(arr.shape[::-1]))
@@ -372,6 +379,16 @@ def test_several_dicom_series(tmp_path):
         read_volume(tmp_path / "d", series_uid="9.9.9")
     assert uid_a in _one_sentence(exc)
     assert is_readable_path(tmp_path / "d")
+
+
+def test_dicom_missing_slice_is_noticed(tmp_path):
+    a = np.random.default_rng(2).integers(-1000, 1000, (6, 8, 9)).astype(np.int16)
+    uid = "1.2.826.0.1.3680043.2.1125.300"
+    _write_dicom_series(tmp_path / "d", a, uid)
+    (tmp_path / "d" / "s300_003.dcm").unlink()
+    vol = read_volume(tmp_path / "d")
+    assert vol.shape == (5, 8, 9)
+    assert "uneven slice spacing" in vol.meta["notice"]
 
 
 # --------------------------------------------------------------------------- label grids
