@@ -320,11 +320,7 @@ def test_oblique_keeps_residual_direction_and_roundtrips(tmp_path):
     np.testing.assert_array_equal(a1, sitk.GetArrayFromImage(img))
     assert sp1 == img.GetSpacing() and or1 == img.GetOrigin()
     np.testing.assert_allclose(d1, img.GetDirection(), atol=1e-15)
-    assert info_oblique(vol)
-
-
-def info_oblique(vol):
-    return volume_info(vol)["oblique"]
+    assert volume_info(vol)["oblique"]
 
 
 def test_volume_from_array_and_like(tmp_path):
