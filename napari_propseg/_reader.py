@@ -1,0 +1,120 @@
+"""napari reader: CT volumes (NIfTI, NRRD, MetaImage, DICOM series folders) with geometry.
+
+The layer gets ``scale`` = spacing, ``translate`` = physical position and the image
+geometry in ``metadata["propseg_volume"]`` (see :mod:`napari_propseg.session`), so a
+Labels layer drawn on it is written back onto the file's own grid and orientation.
+Integer volumes with few distinct values (label files) open as Labels layers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: An integer volume with at most this many distinct values (in a sample) is a label map.
+MAX_LABEL_IDS = 256
+DEFAULT_PRESET = "abdomen"
+
+LayerData = list[tuple]
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], LayerData] | None:
+    """npe2 ``get_reader`` hook: a reader function for ``path``, or None if not ours.
+
+    Never raises: paths we do not take (unknown extension, folder without DICOM files,
+    missing path) give None so napari can try other readers.
+    """
+    try:
+        from .io import is_readable_path
+
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        if not paths or not all(is_readable_path(p) for p in paths):
+            return None
+    except Exception:  # noqa: BLE001 - a reader hook must never raise
+        log.debug("napari_get_reader declined %r", path, exc_info=True)
+        return None
+    return read_layers
+
+
+def _looks_like_labels(arr: np.ndarray) -> bool:
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
+        return False
+    sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
+    if sample.size and sample.min() < 0:
+        return False
+    return np.unique(sample).size <= MAX_LABEL_IDS and np.unique(arr).size <= MAX_LABEL_IDS
+
+
+def layer_data_for(vol: Any, name: str | None = None) -> tuple:
+    """(data, kwargs, layer_type) for one canonical-LPS Volume.
+
+    CT images get the abdomen window as contrast limits (the widget switches presets);
+    label volumes become a Labels layer.
+    """
+    from .preprocess import DISPLAY_PRESETS
+    from .session import layer_kwargs
+
+    if name is None:
+        base = os.path.basename(os.path.normpath(vol.path)) if vol.path else "CT"
+        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+            if base.lower().endswith(ext):
+                base = base[: -len(ext)]
+                break
+        name = base
+    kwargs = layer_kwargs(vol, name)
+    if _looks_like_labels(vol.array):
+        return vol.array, kwargs, "labels"
+    kwargs.update(colormap="gray", contrast_limits=tuple(DISPLAY_PRESETS[DEFAULT_PRESET]))
+    kwargs["metadata"]["propseg_preset"] = DEFAULT_PRESET
+    return vol.array, kwargs, "image"
+
+
+def read_layers(path: str | list[str]) -> LayerData:
+    """Read one or several volumes into napari layer data.
+
+    On bad input (truncated file, 2-D/4-D image, ...) a napari error notification says
+    what is wrong and the empty-file sentinel ``[(None,)]`` is returned, so napari adds
+    nothing and raises nothing.
+    """
+    from .errors import InputError
+    from .io import read_volume
+
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    out: LayerData = []
+    for p in paths:
+        try:
+            vol = read_volume(p)
+        except InputError as exc:
+            _notify_error(str(exc))
+            return [(None,)]
+        except Exception as exc:  # noqa: BLE001 - never raise into napari's event loop
+            log.exception("unexpected error reading %s", p)
+            _notify_error(f"{p} could not be read ({type(exc).__name__}: {exc}); check the file or report a bug.")
+            return [(None,)]
+        notice = vol.meta.get("notice")
+        if notice:
+            _notify_info(str(notice))
+        out.append(layer_data_for(vol))
+    return out
+
+
+def _notify_error(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # noqa: BLE001
+        log.error("%s", message)
+
+
+def _notify_info(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_info
+
+        show_info(message)
+    except Exception:  # noqa: BLE001
+        log.info("%s", message)

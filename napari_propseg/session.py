@@ -1,0 +1,689 @@
+"""The labeling session behind the PropSeg widget (core: no Qt, napari or magicgui).
+
+Everything the clinician's workflow needs to remember lives here and is tested without
+a GUI:
+
+* the geometry of the image a layer came from (:func:`geometry_of`,
+  :func:`volume_from_geometry`), carried in napari layer ``metadata`` under
+  :data:`META_KEY` so that labels drawn on the image are written back onto its grid;
+* the anchor slices (:class:`AnchorBook`): slices whose labels were given by the
+  reference module (``suggested``), drawn or fixed by the clinician (``corrected``), or
+  explicitly confirmed to hold nothing (``empty``); propagation never changes them;
+* the undo stack of propagations (:class:`UndoStack`): one propagation is one step and
+  only the slices it changed are kept;
+* locked label ids that propagation must not touch;
+* autosave/resume of labels + anchors + settings (:meth:`Session.save`,
+  :meth:`Session.load`, :func:`find_session`), written atomically.
+
+Example:
+    >>> import numpy as np
+    >>> s = Session(np.zeros((5, 4, 4), np.uint8))
+    >>> s.labels[2, 1, 1] = 3
+    >>> s.record_edit([2])
+    [2]
+    >>> s.anchors.items()
+    [(2, 'corrected')]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .progress import CancelFn, ProgressFn
+
+log = logging.getLogger(__name__)
+
+#: Key of the geometry dict in a napari layer's ``metadata``.
+META_KEY = "propseg_volume"
+#: Anchor statuses, in the order the widget lists them.
+ANCHOR_STATUSES = ("suggested", "corrected", "empty")
+#: Suffix of the session folder written beside the image.
+SESSION_SUFFIX = ".propseg"
+#: Version of the on-disk session format.
+SESSION_FORMAT = "propseg-session/1"
+#: Environment variable overriding the folder of sessions for images without a path.
+SESSION_HOME_ENV = "PROPSEG_SESSION_HOME"
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def geometry_of(vol: Any) -> dict:
+    """The geometry of a :class:`~napari_propseg.io.Volume` as plain Python types.
+
+    Args:
+        vol: a Volume (its ``array`` is only used for its shape and is not kept).
+
+    Returns:
+        :meth:`Volume.to_metadata` (``spacing`` (sz, sy, sx) mm, ``origin`` (x, y, z) mm,
+        flat ``direction``, ``path``, ``source`` = the file-layout record
+        :func:`napari_propseg.io.write_labels` needs) plus ``shape`` (Z, Y, X) and the
+        JSON-able entries of ``meta``. Small, deep-copyable and JSON-serialisable.
+    """
+    meta = {}
+    for k, v in (vol.meta or {}).items():
+        try:
+            json.dumps(v, default=_json_default)
+        except (TypeError, ValueError):
+            continue
+        meta[str(k)] = v
+    geom = _jsonable(vol.to_metadata())
+    geom["shape"] = [int(s) for s in vol.array.shape]
+    geom["meta"] = _jsonable(meta)
+    return geom
+
+
+def volume_from_geometry(geometry: dict, array: np.ndarray) -> Any:
+    """Rebuild a Volume from :func:`geometry_of`'s dict and an array on that grid.
+
+    Args:
+        geometry: the dict stored in layer metadata or a session file.
+        array: (Z, Y, X) array whose shape equals ``geometry["shape"]``.
+
+    Returns:
+        A :class:`~napari_propseg.io.Volume` that :func:`napari_propseg.io.write_labels`
+        accepts as ``like``.
+
+    Raises:
+        InputError: the array's shape differs from the geometry's, or the geometry is
+            incomplete.
+    """
+    from .io import Volume
+
+    array = np.asarray(array)
+    shape = tuple(int(s) for s in geometry.get("shape", array.shape))
+    if array.shape != shape:
+        raise InputError(
+            f"The labels have shape {array.shape} but the image they belong to has shape {shape}; "
+            "draw them on a Labels layer created on that image."
+        )
+    vol = Volume.from_metadata(array, geometry)
+    vol.meta = dict(geometry.get("meta") or {})
+    return vol
+
+
+def layer_kwargs(vol: Any, name: str) -> dict:
+    """napari layer keyword arguments placing ``vol`` at its physical position.
+
+    Args:
+        vol: a canonical-LPS Volume.
+        name: layer name.
+
+    Returns:
+        dict with ``name``, ``scale`` = spacing (sz, sy, sx), ``translate`` = the physical
+        (z, y, x) of voxel (0, 0, 0) (canonical volumes have a near-identity direction)
+        and ``metadata`` holding :func:`geometry_of` under :data:`META_KEY`.
+    """
+    return {
+        "name": name,
+        "scale": tuple(float(s) for s in vol.spacing),
+        "translate": tuple(float(o) for o in vol.origin[::-1]),
+        "metadata": {META_KEY: geometry_of(vol)},
+    }
+
+
+def fingerprint(geometry: dict) -> str:
+    """Short hash identifying an image (path, shape, spacing, origin) for resume."""
+    key = json.dumps(
+        {
+            "path": os.path.abspath(geometry["path"]) if geometry.get("path") else None,
+            "shape": list(geometry["shape"]),
+            "spacing": [round(float(s), 4) for s in geometry["spacing"]],
+            "origin": [round(float(o), 3) for o in geometry["origin"]],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain lists/dicts/numbers copy of ``obj`` (numpy arrays -> nested lists)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+class AnchorBook:
+    """The anchor slices of one volume: z index -> status.
+
+    Args:
+        n_slices: number of axial slices Z of the volume.
+
+    Statuses: ``suggested`` (labels written by the reference module), ``corrected``
+    (painted or fixed by the clinician), ``empty`` (the clinician confirmed that the
+    slice holds no label). Propagation reads anchors and never changes them.
+    """
+
+    def __init__(self, n_slices: int):
+        if n_slices < 1:
+            raise ValueError(f"n_slices must be >= 1, got {n_slices}")
+        self.n_slices = int(n_slices)
+        self._status: dict[int, str] = {}
+
+    def _check_z(self, z: int) -> int:
+        z = int(z)
+        if not 0 <= z < self.n_slices:
+            raise InputError(f"Slice {z} is outside the volume (0..{self.n_slices - 1}); pick a slice inside it.")
+        return z
+
+    def set(self, z: int, status: str) -> None:
+        """Make slice ``z`` an anchor with ``status`` (replacing any previous status)."""
+        if status not in ANCHOR_STATUSES:
+            raise ValueError(f"anchor status must be one of {ANCHOR_STATUSES}, got {status!r}")
+        self._status[self._check_z(z)] = status
+
+    def remove(self, z: int) -> bool:
+        """Remove slice ``z`` from the anchors; returns whether it was one."""
+        return self._status.pop(int(z), None) is not None
+
+    def clear(self) -> None:
+        self._status.clear()
+
+    def status(self, z: int) -> str | None:
+        """Status of slice ``z``, or None if it is not an anchor."""
+        return self._status.get(int(z))
+
+    def __contains__(self, z: object) -> bool:
+        return isinstance(z, (int, np.integer)) and int(z) in self._status
+
+    def __len__(self) -> int:
+        return len(self._status)
+
+    @property
+    def zs(self) -> list[int]:
+        """Anchor slice indices, ascending."""
+        return sorted(self._status)
+
+    def items(self) -> list[tuple[int, str]]:
+        """(z, status) pairs, ascending z."""
+        return [(z, self._status[z]) for z in self.zs]
+
+    def next_after(self, z: int) -> int | None:
+        """The first anchor strictly above ``z`` (None if there is none)."""
+        later = [a for a in self.zs if a > z]
+        return later[0] if later else None
+
+    def prev_before(self, z: int) -> int | None:
+        """The last anchor strictly below ``z`` (None if there is none)."""
+        earlier = [a for a in self.zs if a < z]
+        return earlier[-1] if earlier else None
+
+    def bracket(self, z: int) -> tuple[int, int]:
+        """The range [lo, hi] (inclusive) that a change on slice ``z`` affects.
+
+        It runs from the anchor below ``z`` to the anchor above it (the volume's ends
+        when there is none): re-propagation after a correction on ``z`` only needs to
+        recompute this range.
+        """
+        lo = self.prev_before(z)
+        hi = self.next_after(z)
+        return (0 if lo is None else lo, self.n_slices - 1 if hi is None else hi)
+
+    def to_list(self) -> list[list]:
+        return [[z, s] for z, s in self.items()]
+
+    @classmethod
+    def from_list(cls, n_slices: int, items: Iterable[Sequence]) -> "AnchorBook":
+        book = cls(n_slices)
+        for z, s in items:
+            book.set(int(z), str(s))
+        return book
+
+
+def changed_slices(before: np.ndarray, after: np.ndarray) -> list[int]:
+    """Axial slices where two (Z, Y, X) label volumes differ.
+
+    Args:
+        before: (Z, Y, X) labels.
+        after: (Z, Y, X) labels of the same shape.
+
+    Returns:
+        Ascending z indices with at least one differing voxel.
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"shapes differ: {before.shape} vs {after.shape}")
+    diff = before.reshape(before.shape[0], -1) != after.reshape(after.shape[0], -1)
+    return [int(z) for z in np.flatnonzero(diff.any(axis=1))]
+
+
+# --------------------------------------------------------------------------- undo
+
+
+@dataclass
+class UndoStep:
+    """The slices one operation changed, as they were before it.
+
+    Attributes:
+        description: what the operation was ("propagate (stcn)", ...).
+        zs: (n,) changed slice indices.
+        before: (n, Y, X) those slices before the operation.
+        anchors: the anchor list before the operation.
+    """
+
+    description: str
+    zs: np.ndarray
+    before: np.ndarray
+    anchors: list = field(default_factory=list)
+
+
+class UndoStack:
+    """Bounded stack of :class:`UndoStep` (only changed slices are kept).
+
+    Args:
+        max_steps: the oldest steps are dropped beyond this many.
+    """
+
+    def __init__(self, max_steps: int = 10):
+        self.max_steps = int(max_steps)
+        self._steps: list[UndoStep] = []
+
+    def push(self, step: UndoStep) -> None:
+        self._steps.append(step)
+        del self._steps[: max(0, len(self._steps) - self.max_steps)]
+
+    def pop(self) -> UndoStep | None:
+        return self._steps.pop() if self._steps else None
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    @property
+    def last_description(self) -> str | None:
+        return self._steps[-1].description if self._steps else None
+
+
+# --------------------------------------------------------------------------- session
+
+
+def default_session_home() -> Path:
+    """Folder of sessions for images without a file (the phantom) or a read-only folder."""
+    env = os.environ.get(SESSION_HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-propseg" / "sessions"
+
+
+def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path:
+    """Where the session of an image is saved.
+
+    Args:
+        geometry: :func:`geometry_of` of the image.
+        folder: a chosen folder; default: beside the image file or DICOM folder
+            (``ct.nii.gz`` -> ``ct.propseg/``), or :func:`default_session_home` for an
+            image without a path.
+
+    Returns:
+        The session folder (not created).
+    """
+    path = geometry.get("path")
+    if path:
+        p = Path(path)
+        stem = p.name
+        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+                break
+        name = stem + SESSION_SUFFIX
+        base = Path(folder) if folder is not None else p.parent
+    else:
+        name = "image-" + fingerprint(geometry) + SESSION_SUFFIX
+        base = Path(folder) if folder is not None else default_session_home()
+    return base.expanduser() / name
+
+
+class Session:
+    """Labels, anchors, locks, settings and undo history of one image.
+
+    Args:
+        labels: (Z, Y, X) integer label volume; the session owns and edits this array
+            in place (the widget hands it the Labels layer's data).
+        geometry: :func:`geometry_of` of the image (None for a bare array: then
+            :meth:`save` needs a folder).
+        settings: free-form JSON-able widget settings (method, device, k, preset, ...).
+        max_undo: number of propagations that can be undone.
+    """
+
+    def __init__(self, labels: np.ndarray, geometry: dict | None = None, settings: dict | None = None,
+                 max_undo: int = 10):
+        labels = np.asarray(labels)
+        if labels.ndim != 3:
+            raise InputError(f"The labels must be a (Z, Y, X) volume, got shape {labels.shape}; use a 3-D Labels layer.")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"The labels must hold integer ids, got dtype {labels.dtype}; use a Labels layer.")
+        self.labels = labels
+        self.geometry = geometry
+        self.settings: dict = dict(settings or {})
+        self.anchors = AnchorBook(labels.shape[0])
+        self.locked: set[int] = set()
+        self.confidence: np.ndarray | None = None  # (Z,) in [0, 1], nan where unknown
+        self.undo_stack = UndoStack(max_undo)
+        self.dirty = False
+        self.saved_path: Path | None = None
+        self.last_saved = 0.0
+
+    # ------------------------------------------------------------------ anchors
+    def record_edit(self, zs: Iterable[int]) -> list[int]:
+        """The clinician painted/erased/filled slices ``zs``: make them anchors.
+
+        A slice that now holds labels becomes ``corrected``; one left empty becomes
+        ``empty`` (the clinician erased it on purpose).
+
+        Returns:
+            The slices recorded, ascending.
+        """
+        done = []
+        for z in sorted({int(z) for z in zs}):
+            self.anchors.set(z, "corrected" if self.labels[z].any() else "empty")
+            done.append(z)
+        if done:
+            self.dirty = True
+        return done
+
+    def set_suggested(self, zs: Iterable[int], masks: np.ndarray | None = None) -> list[int]:
+        """Write reference-module masks on slices ``zs`` and mark them ``suggested``.
+
+        Args:
+            zs: slice indices.
+            masks: (len(zs), Y, X) label slices, or None when ``labels`` already holds
+                them. Slices already ``corrected`` by the clinician are left alone.
+
+        Returns:
+            The slices that became suggested anchors.
+        """
+        zs = [int(z) for z in zs]
+        done = []
+        for i, z in enumerate(zs):
+            if self.anchors.status(z) == "corrected":
+                continue
+            if masks is not None:
+                self.labels[z] = masks[i]
+            self.anchors.set(z, "suggested" if self.labels[z].any() else "empty")
+            done.append(z)
+        self.dirty = self.dirty or bool(done)
+        return done
+
+    def toggle_anchor(self, z: int) -> bool:
+        """Add slice ``z`` as an anchor (status from its content) or remove it.
+
+        Returns:
+            True if ``z`` is an anchor afterwards.
+        """
+        if z in self.anchors:
+            self.anchors.remove(z)
+            self.dirty = True
+            return False
+        self.record_edit([z])
+        return True
+
+    # ------------------------------------------------------------------ propagation
+    def propagation_inputs(self) -> tuple[np.ndarray, list[int]]:
+        """A copy of the labels and the anchor list to hand to the engine (in a worker)."""
+        if not len(self.anchors):
+            raise InputError(
+                "There are no anchor slices yet; paint labels on at least one slice (or press Suggest) before propagating."
+            )
+        return self.labels.copy(), self.anchors.zs
+
+    def apply_result(self, new_labels: np.ndarray, description: str,
+                     confidence: np.ndarray | None = None) -> list[int]:
+        """Take a propagation result into the session as one undoable step.
+
+        Anchor slices are kept exactly as they were and voxels of locked label ids are
+        neither added nor removed, whatever the engine returned.
+
+        Args:
+            new_labels: (Z, Y, X) labels from the engine.
+            description: undo-step name.
+            confidence: optional (Z,) per-slice confidence.
+
+        Returns:
+            The slices that changed (written into ``self.labels`` in place).
+        """
+        new = np.asarray(new_labels)
+        if new.shape != self.labels.shape:
+            raise ValueError(f"result shape {new.shape} differs from the labels' {self.labels.shape}")
+        new = new.astype(self.labels.dtype, copy=True)
+        zs = self.anchors.zs
+        if zs:
+            new[zs] = self.labels[zs]
+        if self.locked:
+            ids = np.fromiter(self.locked, dtype=np.int64)
+            keep = np.isin(self.labels, ids) | np.isin(new, ids)
+            new[keep] = self.labels[keep]
+        changed = changed_slices(self.labels, new)
+        if changed:
+            idx = np.asarray(changed, dtype=np.int64)
+            self.undo_stack.push(UndoStep(description, idx, self.labels[idx].copy(), self.anchors.to_list()))
+            self.labels[idx] = new[idx]
+            self.dirty = True
+        if confidence is not None:
+            self.confidence = np.asarray(confidence, dtype=np.float32).reshape(-1)
+        return changed
+
+    def undo(self) -> list[int]:
+        """Undo the last propagation: its changed slices get their previous labels back.
+
+        Returns:
+            The slices restored (empty if there was nothing to undo).
+        """
+        step = self.undo_stack.pop()
+        if step is None:
+            return []
+        self.labels[step.zs] = step.before
+        self.anchors = AnchorBook.from_list(self.labels.shape[0], step.anchors)
+        self.dirty = True
+        return [int(z) for z in step.zs]
+
+    def check_next(self) -> int | None:
+        """The non-anchor slice most worth checking: lowest confidence, else farthest
+        from every anchor among slices holding labels. None when there is nothing."""
+        z_all = np.arange(self.labels.shape[0])
+        free = np.ones(len(z_all), bool)
+        free[self.anchors.zs] = False
+        if not free.any():
+            return None
+        if self.confidence is not None and self.confidence.shape == (len(z_all),):
+            conf = np.where(free & np.isfinite(self.confidence), self.confidence, np.inf)
+            if np.isfinite(conf).any():
+                return int(np.argmin(conf))
+        filled = self.labels.reshape(len(z_all), -1).any(axis=1) & free
+        candidates = z_all[filled] if filled.any() else z_all[free]
+        if not len(self.anchors):
+            return int(candidates[len(candidates) // 2])
+        anchors = np.asarray(self.anchors.zs)
+        dist = np.abs(candidates[:, None] - anchors[None, :]).min(axis=1)
+        return int(candidates[int(np.argmax(dist))])
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | os.PathLike | None = None) -> Path:
+        """Write labels, anchors, locks, settings and confidence atomically.
+
+        The labels go to a new ``labels-<n>.npz``; ``session.json`` (which names it) is
+        then replaced in one rename, so a crash leaves the previous session readable.
+
+        Args:
+            folder: where the session folder goes (see :func:`session_dir`).
+
+        Returns:
+            The session folder.
+
+        Raises:
+            InputError: the folder cannot be written.
+        """
+        if self.geometry is None and folder is None:
+            raise InputError("This labels volume has no image file; choose a folder to save the session in.")
+        geometry = self.geometry or {"shape": list(self.labels.shape), "spacing": [1, 1, 1], "origin": [0, 0, 0],
+                                     "direction": np.eye(3).tolist(), "path": None, "source": {}, "meta": {}}
+        target = session_dir(geometry, folder)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            old = _read_json(target / "session.json")
+            counter = int(old.get("counter", 0)) + 1 if old else 1
+            labels_name = f"labels-{counter}.npz"
+            _atomic_npz(target / labels_name, labels=self.labels,
+                        confidence=self.confidence if self.confidence is not None else np.zeros(0, np.float32))
+            doc = {
+                "format": SESSION_FORMAT,
+                "counter": counter,
+                "fingerprint": fingerprint(geometry),
+                "geometry": geometry,
+                "labels_file": labels_name,
+                "anchors": self.anchors.to_list(),
+                "locked": sorted(int(i) for i in self.locked),
+                "settings": _jsonable(self.settings),
+                "saved_at": time.time(),
+            }
+            _atomic_text(target / "session.json", json.dumps(doc, indent=1))
+            for stale in target.glob("labels-*.npz"):
+                if stale.name != labels_name:
+                    stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"Cannot save the session in {target}: {exc.strerror or exc}; choose a writable folder.") from exc
+        self.dirty = False
+        self.saved_path = target
+        self.last_saved = time.time()
+        log.info("session saved in %s", target)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, geometry: dict | None = None) -> "Session":
+        """Read a session folder written by :meth:`save`.
+
+        Args:
+            folder: the session folder.
+            geometry: the open image's geometry; when given, the session must belong to
+                it (same fingerprint), else InputError.
+
+        Raises:
+            InputError: missing/corrupt session, or one of another image.
+        """
+        folder = Path(folder)
+        doc = _read_json(folder / "session.json")
+        if not doc or doc.get("format") != SESSION_FORMAT:
+            raise InputError(f"{folder} holds no readable PropSeg session; start a new one or pick another folder.")
+        if geometry is not None and doc.get("fingerprint") != fingerprint(geometry):
+            raise InputError(
+                f"The session in {folder} belongs to another image ({doc['geometry'].get('path')}); open that image to resume it."
+            )
+        try:
+            with np.load(folder / doc["labels_file"]) as z:
+                labels = z["labels"].copy()
+                conf = z["confidence"].copy()
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"The labels of the session in {folder} cannot be read ({exc}); start a new session.") from exc
+        s = cls(labels, geometry or doc["geometry"], doc.get("settings") or {})
+        s.anchors = AnchorBook.from_list(labels.shape[0], doc.get("anchors") or [])
+        s.locked = {int(i) for i in doc.get("locked") or []}
+        s.confidence = conf if conf.size == labels.shape[0] else None
+        s.saved_path = folder
+        s.last_saved = float(doc.get("saved_at") or 0.0)
+        return s
+
+
+def find_session(geometry: dict, folder: str | os.PathLike | None = None) -> Path | None:
+    """The saved session of this image, if any (checked by fingerprint). Never raises."""
+    try:
+        target = session_dir(geometry, folder)
+        doc = _read_json(target / "session.json")
+        if doc and doc.get("format") == SESSION_FORMAT and doc.get("fingerprint") == fingerprint(geometry):
+            return target
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
+                    device: str = "auto", changed: Sequence[int] | None = None,
+                    progress: ProgressFn = None, cancel: CancelFn = None,
+                    engine_factory: Callable[..., Any] | None = None) -> Any:
+    """Run the propagation engine (blocking; the widget calls it in a worker thread).
+
+    Args:
+        volume_hu: (Z, Y, X) CT in HU.
+        labels: (Z, Y, X) labels holding the anchor slices.
+        anchors: anchor slice indices.
+        method: ``"stcn"`` (network) or ``"interp"`` (SDF interpolation).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        changed: when given, the slices corrected since the last propagation: only the
+            ranges between their neighbouring anchors are recomputed (``repropagate``).
+        progress: ``(step, total, message)`` callback, once per slice.
+        cancel: returns True to stop within one slice (CancelledError).
+        engine_factory: for tests; defaults to
+            :class:`napari_propseg.propagation.engine.PropagationEngine`.
+
+    Returns:
+        The engine's ``PropagationResult`` (``labels``, ``confidence``, ``computed``,
+        ``seconds``).
+    """
+    if engine_factory is None:
+        try:
+            from .propagation.engine import PropagationEngine as engine_factory  # noqa: N813
+        except ImportError as exc:
+            raise InputError(
+                "The propagation engine is not available in this installation; reinstall napari-propseg."
+            ) from exc
+    engine = engine_factory(volume_hu, method=method, device=device)
+    if changed:
+        return engine.repropagate(labels, anchors, list(changed), progress=progress, cancel=cancel)
+    return engine.propagate(labels, anchors, progress=progress, cancel=cancel)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
