@@ -1,0 +1,267 @@
+"""Reference-slice suggestion: segment k sampled axial slices with the network pair.
+
+:func:`suggest_slices` samples k uniformly spaced axial slices, runs every network of the
+ensemble (normally TransUNet + DeepLabV3+) on the three-window input, sums their softmax
+probabilities and takes the argmax. Besides the uniform slices it reports, for every
+organ, the sampled slice where that organ's predicted area is largest (the seed
+pipeline's reference selection); the suggestion is the union of both, ordered along z.
+
+Each network sees its slice resized to its own ``config["img_size"]`` (bilinear, after
+windowing) and the relative axial position ``z / (Z - 1)`` of the slice in the canonical
+LPS array (slice 0 most inferior); probabilities are resized back to the image grid.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import resolve_device
+from ..errors import InputError
+from ..preprocess import window_ct
+from ..progress import CancelFn, ProgressFn, check_cancel, report
+from ..weights import models_dir
+from . import load_reference_model
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_K = 64
+
+
+@dataclass
+class Suggestion:
+    """Result of :func:`suggest_slices`.
+
+    Attributes:
+        slices: suggested slice indices, ascending (uniform samples + per-organ best).
+        labels: ``(Z, Y, X)`` predicted labels, non-zero only on ``slices``.
+        per_organ_best: organ id -> sampled slice with the largest predicted area.
+        sampled: the k uniformly spaced slices.
+        areas: ``(len(processed), C)`` predicted pixel count per processed slice and class.
+        seconds: wall-clock time of the network passes.
+        processed: every slice that went through the networks (``sampled`` plus the scan).
+    """
+
+    slices: list[int]
+    labels: np.ndarray
+    per_organ_best: dict[int, int]
+    sampled: list[int] = field(default_factory=list)
+    areas: np.ndarray | None = None
+    seconds: float = 0.0
+    processed: list[int] = field(default_factory=list)
+
+
+def default_k(n_slices: int) -> int:
+    """``min(Z // 5, 64)``, at least 1."""
+    return max(1, min(n_slices // 5, MAX_DEFAULT_K))
+
+
+def uniform_slices(n_slices: int, k: int) -> list[int]:
+    """k slice indices at the centres of k equal parts of ``[0, Z)``.
+
+    ``z_i = floor((i + 1/2) Z / k)``, i = 0..k-1: evenly spaced, half a step in from
+    either end (the end slices rarely hold organs). ``k >= Z`` returns every slice.
+    """
+    if n_slices < 1:
+        raise InputError("The volume has no slices; pass a 3-D image with at least one axial slice.")
+    if k < 1:
+        raise InputError(f"k must be a positive number of slices, got {k}; pass --k 1 or more.")
+    if k >= n_slices:
+        return list(range(n_slices))
+    return sorted({int((i + 0.5) * n_slices / k) for i in range(k)})
+
+
+def default_weight_paths(folder: str | os.PathLike | None = None) -> list[Path]:
+    """The reference weight files (``*.pt``) in ``models_dir()/"reference"``.
+
+    Raises:
+        InputError: when the folder holds no weight file.
+    """
+    folder = Path(folder) if folder is not None else models_dir() / "reference"
+    paths = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    if not paths:
+        raise InputError(
+            f"No reference weights found in {folder}; train them with 'propseg train reference CONFIG' "
+            "or pass weight files with --weights A B."
+        )
+    return paths
+
+
+def load_models(models: Sequence[nn.Module | str | os.PathLike] | None) -> list[nn.Module]:
+    """Turn a list of modules and/or weight-file paths (or None = defaults) into modules."""
+    if models is None:
+        models = default_weight_paths()
+    if isinstance(models, (str, os.PathLike, nn.Module)):
+        models = [models]
+    out = []
+    for m in models:
+        out.append(m if isinstance(m, nn.Module) else load_reference_model(m))
+    if not out:
+        raise InputError("No reference networks were given; pass at least one weight file with --weights.")
+    n = {int(m.config["num_classes"]) for m in out}
+    if len(n) != 1:
+        raise InputError(f"The reference networks predict different numbers of classes ({sorted(n)}); pass a matching pair.")
+    return out
+
+
+def _as_hu(volume_hu) -> np.ndarray:
+    arr = getattr(volume_hu, "array", volume_hu)
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise InputError(f"Expected a 3-D CT volume (Z, Y, X), got an array of shape {arr.shape}; pass a 3-D image.")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"The CT volume has non-numeric type {arr.dtype}; pass an image in Hounsfield units.")
+    return arr
+
+
+def relative_position(z: int, n_slices: int) -> float:
+    """``z / (Z - 1)`` (0.5 for a single slice)."""
+    return 0.5 if n_slices <= 1 else float(z) / float(n_slices - 1)
+
+
+def iter_slice_probabilities(
+    volume_hu,
+    models: Sequence[nn.Module],
+    slices: Sequence[int],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int | None = None,
+    progress: ProgressFn = None,
+    cancel: CancelFn = None,
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield ``(z, [probs_m (C, Y, X) float32 on the CPU for each model m])`` slice by slice.
+
+    Args:
+        volume_hu: ``(Z, Y, X)`` HU array (or a Volume).
+        models: reference networks (moved to ``device``, put in eval mode).
+        slices: slice indices to process.
+        device: ``"auto" | "cpu" | "cuda"``.
+        batch_size: slices per forward pass (default 1 on CPU, 8 on CUDA).
+        progress, cancel: callbacks, called once per slice.
+    """
+    hu = _as_hu(volume_hu)
+    dev = resolve_device(device)
+    z_total, h, w = hu.shape
+    bs = batch_size or (8 if dev.type == "cuda" else 1)
+    for m in models:
+        m.to(dev).eval()
+    slices = list(slices)
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, len(slices), bs):
+            check_cancel(cancel)
+            zs = slices[start:start + bs]
+            x = torch.from_numpy(window_ct(hu[zs].astype(np.float32))).to(dev)  # n, 3, Y, X
+            zpos = torch.tensor([relative_position(z, z_total) for z in zs], dtype=torch.float32, device=dev)
+            per_model = []
+            for m in models:
+                s = int(m.config["img_size"])
+                xi = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=max(h, w) > s)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
+                    logits = m(xi, zpos)
+                p = logits.float().softmax(1)
+                if (s, s) != (h, w):
+                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+                per_model.append(p.cpu())  # n, C, Y, X
+            for i, z in enumerate(zs):
+                done += 1
+                report(progress, done, len(slices), f"slice {z}")
+                yield z, [p[i] for p in per_model]
+
+
+def suggest_slices(
+    volume_hu,
+    models: Sequence[nn.Module | str | os.PathLike] | None = None,
+    *,
+    k: int | None = None,
+    scan: int | None = None,
+    device: str | torch.device = "auto",
+    progress: ProgressFn = None,
+    cancel: CancelFn = None,
+) -> Suggestion:
+    """Segment k uniformly sampled slices with the ensemble and suggest reference slices.
+
+    Args:
+        volume_hu: ``(Z, Y, X)`` CT in HU, canonical LPS (slice 0 most inferior), or a Volume.
+        models: networks and/or weight files; ``None`` loads every ``*.pt`` in
+            ``models_dir()/"reference"``.
+        k: number of uniformly spaced slices; default ``min(Z // 5, 64)`` (at least 1).
+        scan: also run the networks on every ``scan``-th slice when looking for each
+            organ's largest slice (``Z / scan`` more passes). ``None`` (default) looks
+            only among the k sampled slices, as the seed pipeline does; the suggestion is
+            then the k sampled slices themselves.
+        device: ``"auto" | "cpu" | "cuda"``.
+        progress: ``(step, total, message)`` callback, once per sampled slice.
+        cancel: returns True to stop (raises :class:`~napari_propseg.errors.CancelledError`).
+
+    Returns:
+        :class:`Suggestion` with the union of the uniform slices and, per organ, the sampled
+        slice where its predicted area is largest; ``labels`` holds the prediction on them.
+
+    Raises:
+        InputError: no weights, mismatched networks, a bad volume or k.
+    """
+    hu = _as_hu(volume_hu)
+    nets = load_models(models)
+    z_total = hu.shape[0]
+    if k is None:
+        k = default_k(z_total)
+    sampled = uniform_slices(z_total, int(k))
+    if scan is not None and int(scan) < 1:
+        raise InputError(f"scan must be a positive slice step, got {scan}; pass 1 or more.")
+    processed = sorted(set(sampled) | (set(range(0, z_total, int(scan))) if scan else set()))
+    n_classes = int(nets[0].config["num_classes"])
+    dtype = np.uint8 if n_classes <= 256 else np.uint16
+    pred = np.zeros((len(processed),) + hu.shape[1:], dtype=dtype)
+    t0 = time.perf_counter()
+    for i, (z, probs) in enumerate(iter_slice_probabilities(hu, nets, processed, device=device, progress=progress, cancel=cancel)):
+        total = torch.stack(probs).sum(0)  # C, Y, X: summed softmax of the ensemble
+        pred[i] = total.argmax(0).numpy().astype(dtype)
+    seconds = time.perf_counter() - t0
+    areas = np.stack([np.bincount(p.ravel(), minlength=n_classes)[:n_classes] for p in pred])  # n, C
+    per_organ_best: dict[int, int] = {}
+    for c in range(1, n_classes):
+        if areas[:, c].max() > 0:
+            per_organ_best[c] = int(processed[int(np.argmax(areas[:, c]))])  # first maximum along z
+    chosen = sorted(set(sampled) | set(per_organ_best.values()))
+    labels = np.zeros(hu.shape, dtype=dtype)
+    index = {z: i for i, z in enumerate(processed)}
+    for z in chosen:
+        labels[z] = pred[index[z]]
+    log.info("suggested %d slices (%d sampled) in %.2f s", len(chosen), len(sampled), seconds)
+    return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed)
+
+
+def segment_volume(
+    volume_hu,
+    models: Sequence[nn.Module | str | os.PathLike] | None = None,
+    *,
+    slices: Sequence[int] | None = None,
+    device: str | torch.device = "auto",
+    progress: ProgressFn = None,
+    cancel: CancelFn = None,
+) -> list[np.ndarray]:
+    """Each network's own argmax on the given slices (all by default).
+
+    Returns:
+        One ``(Z, Y, X)`` label array per network (zeros on slices not processed); used by
+        the pseudo-label scoring, which compares the networks' masks.
+    """
+    hu = _as_hu(volume_hu)
+    nets = load_models(models)
+    n_classes = int(nets[0].config["num_classes"])
+    dtype = np.uint8 if n_classes <= 256 else np.uint16
+    out = [np.zeros(hu.shape, dtype=dtype) for _ in nets]
+    zs = range(hu.shape[0]) if slices is None else slices
+    for z, probs in iter_slice_probabilities(hu, nets, zs, device=device, progress=progress, cancel=cancel):
+        for m, p in enumerate(probs):
+            out[m][z] = p.argmax(0).numpy().astype(dtype)
+    return out
