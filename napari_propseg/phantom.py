@@ -96,6 +96,7 @@ _TEXTURE_MM = 1.6       # correlation length of parenchymal texture
 _BLUR_MM = 0.55         # partial-volume / reconstruction blur (in-plane)
 _NOISE_HU = 13.0        # quantum noise standard deviation after the blur
 _COARSE_MM = 7.0        # cell size of the coarse fields (bowel loops, vessels)
+_MIN_PIECE_MM2 = 25.0    # organ fragments smaller than this (per slice) are removed
 _VERTEBRA_PERIOD = 0.14  # vertebral level (body + disc) as a fraction of the z range
 _DEFAULT_FOV_MM = 307.2  # in-plane field of view the anatomy below was tuned for
 
@@ -378,7 +379,7 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
     # --- spleen: posterolateral left crescent
     st0, st1 = 0.60 + J(0.03), 0.90 + J(0.02)
     s3 = np.clip((t - st0) / (st1 - st0), 0, 1)
-    B["spleen"] = _make_blob(rng, t, cx=0.54 - 0.03 * s3, cy=0.22 - 0.14 * s3, a=0.14, b=0.25, theta=0.6,
+    B["spleen"] = _make_blob(rng, t, cx=0.54 - 0.03 * s3, cy=0.22 - 0.14 * s3, a=0.16, b=0.27, theta=0.6,
                              scale=_envelope(t, st0, st1, peak=0.5, power=0.5), harm_amp=0.06)
     # --- stomach: fundus/body high on the left, antrum lower crossing to the right
     sb0, sb1 = 0.64 + J(0.02), 0.92 + J(0.015)
@@ -400,7 +401,7 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
         t0 = k0 + J(0.025)
         t1 = t0 + 0.37 + J(0.02)
         sk = np.clip((t - t0) / (t1 - t0), 0, 1)
-        kw = dict(cx=side * (0.37 + 0.04 * (1 - sk)), cy=0.21 - 0.03 * (1 - sk), a=0.17, b=0.105,
+        kw = dict(cx=side * (0.37 + 0.04 * (1 - sk)), cy=0.21 - 0.03 * (1 - sk), a=0.18, b=0.12,
                   theta=side * (-0.75 - 0.2 * (1 - sk)) + np.pi / 2 * 0, harm_amp=0.03, wob_c=0.008)
         split_len = 0.08 + rng.uniform(0.0, 0.04)
         main0 = t0 + split_len * (t1 - t0)
@@ -440,7 +441,7 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
 
 # ----------------------------------------------------------------------------- painting
 def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray,
-                 bowel_f: np.ndarray, vessel_f: np.ndarray, min_size: float):
+                 bowel_f: np.ndarray, vessel_f: np.ndarray, min_size: float, min_px: int):
     """Tissue and label maps of slice ``k``: two (Y, X) uint8 arrays."""
     t = an.t[k]
     ny, nx = grid.v.size, grid.u.size
@@ -669,8 +670,9 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
         if 0.12 < q < 0.97:
             _paint(tissue, labels, win, arch, _T["cortical_bone"], VERTEBRAE)
             _paint(tissue, labels, win, arch & (rc > 0.07) & (rc < 0.088), _T["cancellous_bone"], VERTEBRAE)
-        else:  # ligamentum flavum level
-            _paint(tissue, labels, win, arch & (Vw > cy_c), _T["muscle"], 0)
+        else:  # disc level: only the facet joints / laminae behind the canal are bone
+            _paint(tissue, labels, win, arch & (Vw > cy_c + 0.02), _T["cortical_bone"], VERTEBRAE)
+            _paint(tissue, labels, win, arch & (Vw <= cy_c + 0.02), _T["muscle"], 0)
         _paint(tissue, labels, win, rc < 0.058, _T["csf"], 0)
         if 0.3 < q < 0.9:  # spinous process, angled downward: present late in the level
             sp = (np.abs(Uw) < 0.018 + 0.01 * (Vw - cy_c)) & (Vw > cy_c + 0.085) & (Vw < cy_c + 0.24)
@@ -705,7 +707,31 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
                 rr2 = xl * xl + yl * yl
                 _paint(tissue, labels, win, rr2 < 1, _T["cortical_bone"], 0)
                 _paint(tissue, labels, win, rr2 < 0.35, _T["rib_marrow"], 0)
+    _remove_specks(tissue, labels, min_px)
     return tissue, labels
+
+
+def _remove_specks(tissue: np.ndarray, labels: np.ndarray, min_px: int) -> None:
+    """Turn organ fragments smaller than ``min_px`` pixels into fat (in place).
+
+    Cutting organs by their neighbours leaves a few slivers of a pixel or two; they are
+    not anatomy and would only make the labels noisy. Vertebrae keep every bone piece.
+    """
+    boxes = ndimage.find_objects(labels)
+    for lid, box in enumerate(boxes, start=1):
+        if box is None or lid == VERTEBRAE:
+            continue
+        sub = labels[box] == lid
+        cc, n = ndimage.label(sub)
+        if n < 2:
+            continue
+        sizes = np.bincount(cc.ravel())
+        small = np.flatnonzero(sizes < min_px)
+        small = small[small > 0]
+        if small.size:
+            kill = np.isin(cc, small)
+            labels[box][kill] = 0
+            tissue[box][kill] = _T["fat"]
 
 
 # ----------------------------------------------------------------------------- public
@@ -778,12 +804,13 @@ def make_phantom(
     bowel = _CoarseField(rng, shp, spc, cell_mm=_COARSE_MM * scale_mm / (0.5 * _DEFAULT_FOV_MM))
     vessels = _CoarseField(rng, shp, spc, cell_mm=1.6 * _COARSE_MM * scale_mm / (0.5 * _DEFAULT_FOV_MM))
     min_size = 0.5 * min(sx, sy) / scale_mm
+    min_px = max(3, int(round(_MIN_PIECE_MM2 / (sx * sy))))
 
     tissue = np.empty(shp, np.uint8)
     labels = np.empty(shp, np.uint8)
     for k in range(Z):
         check_cancel(cancel)
-        tissue[k], labels[k] = _paint_slice(k, an, grid, U, V, bowel.slice(k), vessels.slice(k), min_size)
+        tissue[k], labels[k] = _paint_slice(k, an, grid, U, V, bowel.slice(k), vessels.slice(k), min_size, min_px)
         report(progress, k + 1, total, f"phantom: slice {k + 1}/{Z}")
 
     # --- intensities: HU look-up + per-tissue texture (smoothed 3-D noise)

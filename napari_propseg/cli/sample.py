@@ -95,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; pass a folder to write the phantom into.")
+    ct, labels = make_phantom(tuple(args.shape), tuple(args.spacing), args.seed, progress=_stderr_progress)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"Cannot create the output folder {out} ({exc.strerror}); pick a writable folder.") from None
-    ct, labels = make_phantom(tuple(args.shape), tuple(args.spacing), args.seed, progress=_stderr_progress)
     ct_path = write_volume(ct.array, ct, out / CT_NAME)
     lab_path = write_labels(labels.array, ct, out / LABELS_NAME)
     map_path = write_label_map(PHANTOM_LABELS, out / LABEL_MAP_NAME)
