@@ -1,0 +1,73 @@
+"""``propseg segment IMAGE --out OUT``: fully automatic segmentation.
+
+Suggest reference slices with the reference networks (as ``propseg suggest``), then
+propagate their labels through the volume with the propagation engine, and write the
+result on the image's own grid. ``--seeds`` also keeps the seed label file and its JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+
+from ..errors import InputError
+from .suggest import add_model_args, stderr_bar, write_suggestion
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``segment`` subcommand to the ``propseg`` parser."""
+    p = subparsers.add_parser(
+        "segment",
+        help="suggest reference slices, then propagate them through the volume (fully automatic)",
+        description="Segment a CT volume without interaction: the reference networks label k sampled slices, "
+        "the propagation engine fills the others. The result is written on the image grid.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="CT file or DICOM series folder")
+    p.add_argument("--out", metavar="OUT", required=True, help="label file to write (.nii.gz, .nii or .nrrd)")
+    p.add_argument("--k", type=int, default=None, help="number of uniformly spaced reference slices (default: min(Z // 5, 64))")
+    p.add_argument("--scan", type=int, default=None, metavar="N",
+                   help="also look at every N-th slice for each organ's largest slice")
+    p.add_argument("--method", default="stcn", help="propagation method of the engine (default: stcn)")
+    p.add_argument("--seeds", metavar="SEEDS", default=None, help="also write the reference-slice labels here")
+    p.add_argument("--series", metavar="UID", default=None, help="SeriesInstanceUID to read from a DICOM folder")
+    add_model_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", progress=None, cancel=None):
+    """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``."""
+    from ..reference.inference import suggest_slices
+
+    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel)
+    try:
+        from ..propagation.engine import PropagationEngine
+    except ImportError as exc:  # pragma: no cover - only before the engine exists
+        raise InputError(f"The propagation engine is not available ({exc}); use 'propseg suggest' instead.") from exc
+    engine = PropagationEngine(volume_hu, method=method, device=device)
+    kwargs = {}
+    params = inspect.signature(engine.propagate).parameters
+    if "progress" in params:
+        kwargs["progress"] = progress
+    if "cancel" in params:
+        kwargs["cancel"] = cancel
+    labels = engine.propagate(sug.labels, list(sug.slices), **kwargs)
+    labels = getattr(labels, "array", labels)
+    return labels, sug
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import read_volume, write_labels
+
+    if args.k is not None and args.k < 1:
+        raise InputError(f"--k must be at least 1, got {args.k}.")
+    vol = read_volume(args.image, series_uid=args.series)
+    labels, sug = segment(vol.array, weights=args.weights, k=args.k, scan=args.scan, method=args.method,
+                          device=args.device, progress=stderr_bar)
+    if args.seeds:
+        write_suggestion(sug, vol, args.seeds, args.weights)
+    path = write_labels(labels, vol, args.out)
+    print(f"segmented {vol.array.shape[0]} slices from {len(sug.slices)} reference slices {sug.slices}; wrote {path}")
+    return 0
