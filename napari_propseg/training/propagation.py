@@ -1,0 +1,552 @@
+"""Training of the STCN propagation network (``propseg train propagation CONFIG``).
+
+Two stages in one run, as in STCN:
+
+* **stage 0** (``stage0_steps``): static clips made from single slices by random affine +
+  elastic deformation, objects = organ masks or SLIC superpixels;
+* **stage 1** (``stage1_steps``): clips of 3 axial slices with a curriculum of gaps.
+
+See :mod:`napari_propseg.training.data` for the clips. Loss: bootstrapped CE + Lovasz-
+softmax (:mod:`napari_propseg.training.losses`). AdamW (lr 1e-4), step decay (the lr is
+multiplied by ``gamma`` at each milestone, given as fractions of the current stage; it
+starts again from the base lr at stage 1), gradient clipping, GroupNorm networks, CUDA
+autocast (bf16 where supported, else fp16 with a GradScaler) only on CUDA.
+
+Outputs in ``out_dir``: ``train_log.csv`` (losses), ``val_log.csv`` (validation Dice of
+the k-anchor propagation on held-out volumes), ``checkpoints/step_NNNNNNN.pt`` and
+``checkpoints/last.pt`` (resumable: model, optimizer, scheduler, step, config, RNG), and
+the weights-only file (``weights_name``, default ``stcn_propagation.pt``) loadable with
+:func:`napari_propseg.propagation.network.load_stcn`.
+
+Launched under ``torchrun --nproc_per_node N``, every rank draws its own samples of each
+step (see :class:`~napari_propseg.training.data.StepSampler`), gradients are averaged by
+DistributedDataParallel, and only rank 0 logs, validates and saves.
+
+Example:
+    >>> weights = train_propagation("models/propagation/train_default.yaml", out_dir="runs/p")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import CancelledError, InputError
+from ..progress import CancelFn, ProgressFn, check_cancel, report
+from .common import (
+    CSVLogger,
+    barrier,
+    ddp_cleanup,
+    ddp_setup,
+    is_main_process,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    unwrap,
+)
+from .data import ClipDataset, StepSampler, TrainingData, build_training_data, load_cache, resolve_data_config
+from .losses import propagation_loss
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the training config (every key may be overridden in the YAML/JSON).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "resolution": 128,
+    "network": "cpu",            # "default" | "cpu" (network.DEFAULT_CONFIG / CPU_CONFIG)
+    "network_overrides": {},     # architecture keys changed on top of the named base
+    "stage0_steps": 1000,
+    "stage1_steps": 4000,
+    "batch_size": 4,             # per process
+    "num_workers": 0,
+    "optimizer": {"lr": 1e-4, "weight_decay": 1e-7, "betas": [0.9, 0.999]},
+    "lr_decay": {"milestones": [0.8], "gamma": 0.1},
+    "amp": "auto",               # "auto" (bf16 if supported, else fp16) | "bf16" | "fp16" | "off"; CUDA only
+    "grad_clip": 1.0,
+    "lovasz_weight": 1.0,
+    "log_every": 10,
+    "val_every": 500,
+    "ckpt_every": 500,
+    "val": {"k": 5, "max_cases": None},
+    "clips": {},
+    "data": {},
+    "weights_name": "stcn_propagation.pt",
+    "weights_dtype": "float16",  # dtype of the exported weights (float16 halves the file; loading casts back)
+    "keep_checkpoints": 2,       # step_*.pt files kept besides last.pt (0 keeps all)
+    "find_unused_parameters": False,
+}
+
+TRAIN_FIELDS = ["step", "stage", "max_gap", "lr", "loss", "ce", "lovasz", "sec_per_step"]
+VAL_FIELDS = ["step", "case", "k", "mean_dice", "n_labels", "seconds"]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in (over or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k not in ("network_overrides",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML (.yaml/.yml) or JSON training config.
+
+    Raises:
+        InputError: missing file, unparsable content, or not a mapping.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"Training config {p} does not exist; pass a YAML or JSON file such as models/propagation/train_default.yaml.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            cfg = json.loads(text)
+        else:
+            import yaml
+
+            cfg = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error is a bad file
+        raise InputError(f"Training config {p} could not be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); fix its syntax.") from exc
+    if not isinstance(cfg, dict):
+        raise InputError(f"Training config {p} must be a mapping of options (key: value), not {type(cfg).__name__}.")
+    return cfg
+
+
+def load_train_config(
+    config: Mapping[str, Any] | str | os.PathLike,
+    *,
+    variant: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
+    """Full training config: defaults <- file <- ``variants[variant]`` <- ``overrides``.
+
+    Args:
+        config: a dict or the path of a YAML/JSON file.
+        variant: name of an entry of the config's ``variants`` mapping (e.g. ``"cpu"``).
+        data_root: overrides ``data.data_root`` (and ``$PROPSEG_DATA_ROOT``).
+        overrides: last-word options (e.g. ``{"stage1_steps": 10}``).
+
+    Returns:
+        The merged config with absolute data paths and the resolved ``network`` dict
+        under ``network_config``.
+    """
+    config_dir: Path | None = None
+    if isinstance(config, (str, os.PathLike)):
+        config_dir = Path(config).expanduser().resolve().parent
+        raw = read_config_file(config)
+    else:
+        raw = copy.deepcopy(dict(config))
+        if raw.get("_config_dir"):
+            config_dir = Path(raw["_config_dir"])
+    variants = raw.pop("variants", {}) or {}
+    cfg = _merge(TRAIN_DEFAULTS, raw)
+    if variant:
+        if variant not in variants:
+            raise InputError(f"The training config has no variant {variant!r}; its variants are: {', '.join(variants) or 'none'}.")
+        cfg = _merge(cfg, variants[variant])
+        cfg["variant"] = variant
+    cfg = _merge(cfg, overrides or {})
+    for key in ("stage0_steps", "stage1_steps", "batch_size", "log_every", "val_every", "ckpt_every", "resolution"):
+        try:
+            cfg[key] = int(cfg[key])
+        except (TypeError, ValueError):
+            raise InputError(f"Training option {key!r} must be a whole number, got {cfg[key]!r}.") from None
+        if cfg[key] < (0 if key.endswith("steps") else 1):
+            raise InputError(f"Training option {key!r} must be {'>= 0' if key.endswith('steps') else '>= 1'}, got {cfg[key]}.")
+    if cfg["stage0_steps"] + cfg["stage1_steps"] == 0:
+        raise InputError("The training config has stage0_steps = stage1_steps = 0; give at least one step.")
+    if str(cfg["amp"]).lower() not in ("auto", "bf16", "fp16", "off", "none", "false"):
+        raise InputError(f"Training option amp={cfg['amp']!r} is unknown; use auto, bf16, fp16 or off.")
+    cfg["network_config"] = network_config(cfg)
+    data = dict(cfg.get("data") or {})
+    data.setdefault("resolution", cfg["resolution"])
+    data["resolution"] = cfg["resolution"]
+    cfg["data"] = resolve_data_config(data, config_dir=config_dir, data_root=data_root)
+    cfg["_config_dir"] = str(config_dir) if config_dir else None
+    return cfg
+
+
+def network_config(cfg: Mapping[str, Any]) -> dict:
+    """The STCN architecture config of a training config (named base + overrides + resolution)."""
+    from ..propagation.network import CPU_CONFIG, DEFAULT_CONFIG
+
+    net = cfg.get("network", "cpu")
+    if isinstance(net, Mapping):
+        base = dict(DEFAULT_CONFIG)
+        base.update(net)
+    elif str(net).lower() in ("default", "gpu"):
+        base = dict(DEFAULT_CONFIG)
+    elif str(net).lower() == "cpu":
+        base = dict(CPU_CONFIG)
+    else:
+        raise InputError(f"Training option network={net!r} is unknown; use 'default', 'cpu' or a mapping of architecture keys.")
+    base.update(cfg.get("network_overrides") or {})
+    base["resolution"] = int(cfg["resolution"])
+    return base
+
+
+def lr_factor(step: int, stage0_steps: int, stage1_steps: int, milestones, gamma: float) -> float:
+    """Step-decay factor at ``step``: ``gamma`` per milestone passed in the current stage."""
+    if step < stage0_steps:
+        frac = step / max(1, stage0_steps)
+    else:
+        frac = (step - stage0_steps) / max(1, stage1_steps)
+    return float(gamma) ** sum(1 for m in milestones if frac >= float(m))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def anchor_slices(labels: np.ndarray, k: int) -> list[int]:
+    """``round(linspace(z_lo, z_hi, k))`` over the axial extent of all foreground labels."""
+    fg = np.nonzero(labels.reshape(labels.shape[0], -1).max(1) > 0)[0]
+    if not len(fg):
+        return []
+    return sorted(set(int(round(v)) for v in np.linspace(fg[0], fg[-1], k)))
+
+
+@torch.inference_mode()
+def propagate_between_anchors(model: torch.nn.Module, image: np.ndarray, labels: np.ndarray, anchors: list[int], *, device: torch.device, amp_dtype=None) -> np.ndarray:
+    """Minimal 2-anchor propagation with the training network (validation only).
+
+    Between consecutive anchors ``a < b`` the network propagates the anchor labels
+    forward from ``a`` and backward from ``b`` (each with a memory of every slice it has
+    passed); the two probability maps are mixed with linear weights ``(b - z) / (b - a)``
+    and ``(z - a) / (b - a)`` and the arg-max is taken. Slices outside the anchors stay 0.
+
+    Args:
+        model: an :class:`~napari_propseg.propagation.network.STCN`.
+        image: (Z, 3, R, R) windowed slices.
+        labels: (Z, R, R) ids; only the anchor slices are read.
+        anchors: sorted slice indices.
+
+    Returns:
+        (Z, R, R) uint8 labels with the anchors copied and the gaps filled.
+    """
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for a in anchors:
+        out[a] = labels[a]
+    amp = torch.autocast(device_type="cuda", dtype=amp_dtype) if (amp_dtype is not None and device.type == "cuda") else nullcontext()
+    for a, b in zip(anchors[:-1], anchors[1:]):
+        if b - a < 2:
+            continue
+        ids = sorted(set(np.unique(labels[a]).tolist()) | set(np.unique(labels[b]).tolist()) - {0})
+        ids = [i for i in ids if i != 0]
+        if not ids:
+            continue
+        frames = torch.from_numpy(image[a:b + 1].astype(np.float32)).to(device)[None]  # 1, T, 3, R, R
+        probs = []
+        for seq, first in ((frames, labels[a]), (frames.flip(1), labels[b])):
+            m = torch.from_numpy(np.stack([first == i for i in ids]).astype(np.float32)).to(device)[None]  # 1, K, R, R
+            with amp:
+                logits = model(seq, m)  # 1, T-1, K+1, R, R
+            probs.append(torch.softmax(logits.float(), dim=2)[0])
+        pf = probs[0][:-1]  # slices a+1..b-1
+        pb = probs[1].flip(0)[1:]  # backward output covers b-1..a -> a..b-1, drop a
+        t = torch.arange(1, b - a, device=device, dtype=torch.float32)[:, None, None, None]
+        w = (b - a - t) / (b - a)
+        fused = w * pf + (1 - w) * pb  # T-2, K+1, R, R
+        arg = fused.argmax(1).cpu().numpy()
+        lut = np.array([0] + ids, dtype=np.uint8)
+        out[a + 1:b] = lut[arg]
+    return out
+
+
+def validation_dice(model: torch.nn.Module, case, *, k: int, device: torch.device, amp_dtype=None) -> dict:
+    """Mean Dice of the k-anchor propagation on one preprocessed validation volume.
+
+    PROTOCOL.md section 1 with linspace anchors only (no per-label largest-area slices),
+    scored at the working resolution over the non-anchor slices, labels present in the
+    ground truth there.
+
+    Returns:
+        ``{"mean_dice", "n_labels", "per_label": {id: dice}, "anchors": [...]}``.
+    """
+    anchors = anchor_slices(case.labels, k)
+    pred = propagate_between_anchors(unwrap(model), case.image, case.labels, anchors, device=device, amp_dtype=amp_dtype)
+    keep = np.ones(case.depth, dtype=bool)
+    keep[anchors] = False
+    gt, pr = case.labels[keep], pred[keep]
+    per = {}
+    for i in sorted(set(np.unique(gt).tolist()) - {0}):
+        g, p = gt == i, pr == i
+        per[int(i)] = float(2.0 * np.logical_and(g, p).sum() / (g.sum() + p.sum()))
+    mean = float(np.mean(list(per.values()))) if per else float("nan")
+    return {"mean_dice": mean, "n_labels": len(per), "per_label": per, "anchors": anchors}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _amp_dtype(cfg: Mapping[str, Any], device: torch.device):
+    mode = str(cfg.get("amp", "auto")).lower()
+    if device.type != "cuda" or mode in ("off", "none", "false"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _hardware(device: torch.device, world: int) -> str:
+    if device.type == "cuda":
+        return f"{world} x {torch.cuda.get_device_name(device)}"
+    return f"{world} x CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def train_propagation(
+    config: Mapping[str, Any] | str | os.PathLike,
+    *,
+    resume: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: ProgressFn = None,
+    cancel: CancelFn = None,
+    device: str | torch.device = "auto",
+    variant: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    data: TrainingData | None = None,
+) -> Path:
+    """Train the STCN propagation network (stage 0, then stage 1) and export its weights.
+
+    Args:
+        config: training config (dict or YAML/JSON path; see ``models/propagation/train_default.yaml``).
+        resume: a checkpoint from an earlier run; training continues at its step with its
+            model, optimizer, scheduler and RNG state (the architecture must match).
+        out_dir: output folder (default: the config's ``out_dir``, else the resumed
+            checkpoint's run folder, else ``runs/propagation``).
+        progress: ``(step, total, message)`` callback, called after every step.
+        cancel: returns True to stop; a checkpoint is written, then
+            :class:`~napari_propseg.errors.CancelledError` is raised.
+        device: ``"auto" | "cpu" | "cuda"``; under torchrun each rank takes ``cuda:LOCAL_RANK``.
+        variant: a named entry of the config's ``variants`` (e.g. ``"cpu"``).
+        data_root: folder the relative data paths are resolved against.
+        cache: a ``.npz`` from :func:`napari_propseg.training.data.save_cache`; the
+            volumes are then not read again (no SimpleITK needed).
+        overrides: options that win over the file (e.g. ``{"stage1_steps": 100}``).
+        data: already loaded :class:`TrainingData` (tests); wins over ``cache``.
+
+    Returns:
+        Path of the weights-only file (``kind="stcn"``).
+
+    Raises:
+        InputError: bad config, data or checkpoint.
+        CancelledError: ``cancel`` returned True.
+    """
+    t_start = time.time()
+    cfg = load_train_config(config, variant=variant, data_root=data_root, overrides=overrides)
+    rank, world, _local_rank, dev = ddp_setup(device)
+    main = rank == 0
+    try:
+        return _train(cfg, resume=resume, out_dir=out_dir, progress=progress, cancel=cancel, dev=dev, rank=rank, world=world,
+                      main=main, cache=cache, data=data, t_start=t_start)
+    finally:
+        ddp_cleanup()
+
+
+def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start) -> Path:
+    from ..propagation.network import build_stcn
+    from ..weights import save_weights
+
+    s0, s1 = cfg["stage0_steps"], cfg["stage1_steps"]
+    total = s0 + s1
+    payload = None
+    if resume is not None:
+        payload = load_checkpoint(resume, restore_rng=False)  # read-only first: config check
+        old_net = payload["config"].get("network_config")
+        if old_net is not None and old_net != cfg["network_config"]:
+            raise InputError(f"Checkpoint {resume} was trained with another architecture ({old_net}); resume with the config it was trained with.")
+    if out_dir is None:
+        out_dir = cfg.get("out_dir") or (Path(resume).resolve().parent.parent if resume is not None else Path("runs/propagation"))
+        if cfg.get("out_dir") and cfg.get("_config_dir") and not Path(out_dir).is_absolute():
+            out_dir = Path(cfg["_config_dir"]) / out_dir
+    out = Path(out_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # data
+    if data is None:
+        data = load_cache(cache, resolution=cfg["resolution"]) if cache is not None else build_training_data(cfg["data"])
+    if data.resolution != cfg["resolution"]:
+        raise InputError(f"The training data are at resolution {data.resolution} but the config asks for {cfg['resolution']}; rebuild the cache.")
+
+    # model, optimisation
+    seed_everything(cfg["seed"])
+    model = build_stcn(cfg["network_config"]).to(dev)
+    model.train()
+    opt_cfg = cfg["optimizer"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg.get("weight_decay", 0.0)),
+                                  betas=tuple(float(b) for b in opt_cfg.get("betas", (0.9, 0.999))))
+    decay = cfg["lr_decay"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, s0, s1, decay.get("milestones", []), float(decay.get("gamma", 0.1))))
+    amp_dtype = _amp_dtype(cfg, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start = 0
+    if payload is not None:
+        payload = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
+        start = int(payload["step"])
+        if scaler is not None and payload.get("extra", {}).get("scaler"):
+            scaler.load_state_dict(payload["extra"]["scaler"])
+        log.info("resumed from %s at step %d", resume, start)
+        if start >= total:
+            log.warning("checkpoint %s is at step %d, the config asks for %d steps: only exporting weights", resume, start, total)
+    if world > 1:
+        torch.manual_seed(int(cfg["seed"]) * 1000 + rank + start)  # rank-specific torch RNG (model init already broadcast)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=bool(cfg["find_unused_parameters"]))
+    else:
+        ddp_model = model
+
+    batch = cfg["batch_size"]
+    clip_cfg = {**dict(cfg.get("clips") or {}), "seed": cfg["seed"]}
+    dataset = ClipDataset(data, clip_cfg, stage0_steps=s0, stage1_steps=s1, global_batch=batch * world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=StepSampler(start, total, batch, rank, world), num_workers=int(cfg["num_workers"]),
+        pin_memory=dev.type == "cuda", persistent_workers=False, drop_last=False)
+
+    train_log = CSVLogger(out / "train_log.csv", TRAIN_FIELDS, resume_step=start) if main else None
+    val_log = CSVLogger(out / "val_log.csv", VAL_FIELDS, resume_step=start) if main else None
+    ckpt_dir = out / "checkpoints"
+
+    def checkpoint(step: int) -> None:
+        if not main:
+            return
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        p = save_checkpoint(ckpt_dir / f"step_{step:07d}.pt", model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                            config=_jsonable(cfg), extra=extra)
+        tmp = ckpt_dir / ".last.pt.tmp"
+        tmp.write_bytes(p.read_bytes())
+        os.replace(tmp, ckpt_dir / "last.pt")
+        keep = int(cfg.get("keep_checkpoints") or 0)
+        if keep > 0:
+            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+                old.unlink()
+
+    last_val: dict[str, float] = {}
+
+    def validate(step: int) -> None:
+        if not main or not data.validation:
+            return
+        model.eval()
+        cases = data.validation[: cfg["val"].get("max_cases") or None]
+        for case in cases:
+            t0 = time.time()
+            res = validation_dice(model, case, k=int(cfg["val"].get("k", 5)), device=dev, amp_dtype=amp_dtype)
+            val_log.log({"step": step, "case": case.name, "k": int(cfg["val"].get("k", 5)), "mean_dice": res["mean_dice"],
+                         "n_labels": res["n_labels"], "seconds": time.time() - t0})
+            last_val[case.name] = res["mean_dice"]
+            log.info("step %d validation %s: mean Dice %.4f over %d labels (k=%d)", step, case.name, res["mean_dice"], res["n_labels"], int(cfg["val"].get("k", 5)))
+        model.train()
+
+    step = start
+    sums = {"loss": 0.0, "ce": 0.0, "lovasz": 0.0}
+    n_sum = 0
+    t_log = time.time()
+    it = iter(loader)
+    while step < total:
+        if cancel is not None and cancel():
+            checkpoint(step)
+            barrier()
+            check_cancel(cancel)
+        item = next(it)
+        frames = item["frames"].to(dev, non_blocking=True)  # B, T, 3, R, R
+        masks = item["masks"].to(dev, non_blocking=True)  # B, T, K, R, R
+        target = item["target"].to(dev, non_blocking=True)  # B, T, R, R
+        nobj = item["num_objects"].to(dev)
+        amp = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with amp:
+            logits = ddp_model(frames, masks[:, 0], nobj)  # B, T-1, K+1, R, R
+        losses = propagation_loss(logits.float(), target[:, 1:], lovasz_weight=float(cfg["lovasz_weight"]))
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)
+        else:
+            losses["loss"].backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        for key in sums:
+            sums[key] += float(losses[key].detach())
+        n_sum += 1
+        if not math.isfinite(sums["loss"]):
+            raise RuntimeError(f"training loss is not finite at step {step}; lower the learning rate or use amp: bf16/off")
+
+        if step % cfg["log_every"] == 0 or step == total:
+            vals = torch.tensor([sums["loss"], sums["ce"], sums["lovasz"]], dtype=torch.float64, device=dev) / max(1, n_sum)
+            if world > 1:
+                torch.distributed.all_reduce(vals)
+                vals /= world
+            if main:
+                dt = (time.time() - t_log) / max(1, n_sum)
+                train_log.log({"step": step, "stage": int(step > s0), "max_gap": dataset.max_gap(step - 1) if step > s0 else 0,
+                               "lr": lr_now, "loss": float(vals[0]), "ce": float(vals[1]),
+                               "lovasz": float(vals[2]), "sec_per_step": dt})
+            sums = dict.fromkeys(sums, 0.0)
+            n_sum = 0
+            t_log = time.time()
+        if step % cfg["val_every"] == 0 or step == total:
+            validate(step)
+        if step % cfg["ckpt_every"] == 0 or step == total:
+            checkpoint(step)
+        barrier()
+        report(progress, step, total, f"stage {int(step > s0)} loss {float(losses['loss'].detach()):.3f}")
+
+    if start >= total:
+        checkpoint(step)
+    weights = out / cfg["weights_name"]
+    if main:
+        meta = {
+            "trained_steps": step,
+            "stage0_steps": s0,
+            "stage1_steps": s1,
+            "resolution": cfg["resolution"],
+            "variant": cfg.get("variant"),
+            "train_cases": [c.name for c in data.cases],
+            "phantoms": len(data.phantoms),
+            "validation_cases": [c.name for c in data.validation],
+            "validation_mean_dice": last_val,
+            "hardware": _hardware(dev, world),
+            "wall_seconds_this_session": round(time.time() - t_start, 1),
+            "torch": torch.__version__,
+        }
+        wdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("weights_dtype", "float16")))
+        if wdtype is None:
+            raise InputError(f"Training option weights_dtype={cfg.get('weights_dtype')!r} is unknown; use float16, bfloat16 or float32.")
+        state = {k: (v.to(wdtype) if v.is_floating_point() else v) for k, v in unwrap(model).state_dict().items()}
+        meta["weights_dtype"] = str(cfg.get("weights_dtype", "float16"))
+        save_weights(weights, kind="stcn", config=unwrap(model).config, state_dict=state, meta=meta)
+        log.info("weights written to %s", weights)
+    barrier()
+    return weights
+
+
+def _jsonable(obj: Any) -> Any:
+    """A JSON-round-tripped copy (plain types only, safe for ``torch.load(weights_only=True)``)."""
+    return json.loads(json.dumps(obj, default=str))
