@@ -173,3 +173,56 @@ def test_accumulator_csv(tmp_path):
     assert float(rows[0]["dice"]) == pytest.approx(0.7)
     acc.reset()
     assert acc.rows == []
+
+
+# --------------------------------------------------------------------------- propseg evaluate
+
+
+def _write_case(folder, name, arr, spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    from napari_propseg.io import Volume, write_labels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vol = Volume.from_array(arr, spacing, origin)
+    return write_labels(arr, vol, folder / name)
+
+
+def test_cli_evaluate_files_and_label_map(tmp_path, capsys):
+    pytest.importorskip("napari_propseg.io")
+    from napari_propseg.cli import main
+
+    a, b = _cubes(3)
+    gt = _write_case(tmp_path / "gt", "c1.nii.gz", a)
+    pred = _write_case(tmp_path / "pred", "c1.nrrd", b)
+    (tmp_path / "map.json").write_text('{"0": "background", "1": "tumour"}')
+    out = tmp_path / "r.csv"
+    assert main(["evaluate", str(pred), str(gt), "--labels", str(tmp_path / "map.json"), "--tolerance", "2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["case"], r["label"], r["name"]) for r in rows] == [("c1", "1", "tumour"), ("c1", "mean", "mean")]
+    assert float(rows[0]["dice"]) == pytest.approx(0.7)
+    assert float(rows[0]["hd"]) == pytest.approx(3.0)  # x spacing 1 mm
+    assert float(rows[0]["gt_ml"]) == pytest.approx(2.0)  # 1000 voxels of 2 mm^3
+    assert "c1" in capsys.readouterr().out
+
+
+def test_cli_evaluate_folders_other_grid_and_errors(tmp_path):
+    pytest.importorskip("napari_propseg.io")
+    from napari_propseg.cli import main
+
+    a, b = _cubes(3)
+    _write_case(tmp_path / "gt", "c1.nii.gz", a, spacing=(2.0, 1.0, 1.0))
+    _write_case(tmp_path / "gt", "c2.nii.gz", b, spacing=(2.0, 1.0, 1.0))
+    _write_case(tmp_path / "pred", "c1.nii.gz", a)
+    # c2's prediction on a grid twice as fine in x covering the same space: resampled
+    fine = np.repeat(b, 2, axis=2)
+    _write_case(tmp_path / "pred", "c2.nii.gz", fine, spacing=(2.0, 1.0, 0.5), origin=(-0.25, 0.0, 0.0))
+    out = tmp_path / "r.csv"
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(out)]) == 0
+    rows = {(r["case"], r["label"]): r for r in csv.DictReader(out.open())}
+    assert float(rows[("c1", "1")]["dice"]) == 1.0 and rows[("c1", "1")]["name"] == "liver"
+    assert float(rows[("c2", "1")]["dice"]) == pytest.approx(1.0)
+    # a GT case without prediction, a file against a folder, a bad tolerance: exit code 2
+    _write_case(tmp_path / "gt", "c3.nii.gz", a)
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(out)]) == 2
+    assert main(["evaluate", str(tmp_path / "pred" / "c1.nii.gz"), str(tmp_path / "gt"), "--out", str(out)]) == 2
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--tolerance", "-1", "--out", str(out)]) == 2
+    assert main(["evaluate", str(tmp_path / "nowhere"), str(tmp_path / "gt"), "--out", str(out)]) == 2

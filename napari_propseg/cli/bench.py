@@ -1,0 +1,188 @@
+"""``propseg bench propagate|loop|speed``: the shared benchmark protocols (PROTOCOL.md).
+
+A thin shim over :mod:`napari_propseg.bench`:
+
+* ``propagate``: section 1, k-slice propagation, all methods on the same seeds;
+* ``loop``: section 2, the whole correction loop (suggest / oracle / random clinician);
+* ``speed``: section 3, every label through a 512x512x129 phantom, then re-propagation
+  after one corrected slice (CPU with 2 threads by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of whole numbers, e.g. 3,5,9,17.") from None
+    if not vals:
+        raise InputError(f"{what} is empty; pass comma-separated whole numbers.")
+    return vals
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def _shape(text: str, what: str) -> tuple[int, int, int]:
+    vals = _int_list(text, what)
+    if len(vals) != 3 or min(vals) < 2:
+        raise InputError(f"{what} {text!r} must be three sizes Z,Y,X of at least 2 voxels, e.g. 129,512,512.")
+    return tuple(vals)  # type: ignore[return-value]
+
+
+def _bar(step: int, total: int, msg: str) -> None:
+    print(f"\r[{step}/{total}] {msg[:90]:<90}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+
+def _common(p: argparse.ArgumentParser, *, cases_default: str) -> None:
+    p.add_argument("--cases", default=cases_default,
+                   help=f"comma-separated case groups or names: real, phantom, totalseg_ct, totalseg_dicom (default {cases_default})")
+    p.add_argument("--data", metavar="DIR", default=None, help="shared data folder (default ../shared/data or $PROPSEG_SHARED_DATA)")
+    p.add_argument("--phantom-shape", default="64,128,128", metavar="Z,Y,X", help="phantom size (default 64,128,128)")
+    p.add_argument("--phantom-seeds", default="0", metavar="S,...", help="phantom seeds, one case each (default 0)")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda for STCN (default cpu)")
+    p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped weights)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``bench`` with its ``propagate``, ``loop`` and ``speed`` subcommands."""
+    from ..bench.loop import LOOP_METHODS, POLICIES
+    from ..bench.protocol import ALL_METHODS
+
+    p = subparsers.add_parser("bench", help="run the benchmark protocols (k-slice propagation, correction loop, speed)",
+                              description="Benchmarks of PROTOCOL.md: propagate (section 1), loop (section 2), speed (section 3).")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+
+    pp = sub.add_parser("propagate", help="k-slice propagation: STCN vs SDF interpolation, copy-nearest, ITK MCI",
+                        description="PROTOCOL.md section 1 on the chosen cases; writes k_slice.json, k_slice.png, k_slice.md.")
+    _common(pp, cases_default="real,phantom")
+    pp.add_argument("--ks", default="3,5,9,17", help="numbers of reference slices (default 3,5,9,17)")
+    pp.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}")
+    pp.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pp.set_defaults(func=run_propagate)
+
+    pl = sub.add_parser("loop", help="whole correction loop: slices and seconds to reach mean Dice 0.90 / 0.95",
+                        description="PROTOCOL.md section 2 on the chosen cases; writes loop.json, loop.png, loop.md.")
+    _common(pl, cases_default="real,phantom")
+    pl.add_argument("--methods", default=",".join(LOOP_METHODS), help=f"engine methods (default {','.join(LOOP_METHODS)})")
+    pl.add_argument("--policies", default=",".join(POLICIES), help=f"clinician policies (default {','.join(POLICIES)})")
+    pl.add_argument("--k", type=int, default=3, help="ground-truth start slices (default 3)")
+    pl.add_argument("--max-rounds", type=int, default=None, help="cap on corrected slices (default: every slice)")
+    pl.add_argument("--no-stop", action="store_true", help="keep correcting after mean Dice 0.95 is reached")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    pl.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pl.set_defaults(func=run_loop_cmd)
+
+    ps = sub.add_parser("speed", help="seconds and peak memory: all labels through a 512x512x129 phantom",
+                        description="PROTOCOL.md section 3: propagation of every label through a phantom, then "
+                        "re-propagation after one corrected slice; wall seconds and peak RSS.")
+    ps.add_argument("--shape", default="129,512,512", metavar="Z,Y,X", help="phantom size (default 129,512,512)")
+    ps.add_argument("--spacing", default="2.5,0.8,0.8", metavar="SZ,SY,SX", help="phantom spacing in mm (default 2.5,0.8,0.8)")
+    ps.add_argument("--method", default="stcn", help="stcn or interp (default stcn)")
+    ps.add_argument("--k", type=int, default=3, help="ground-truth anchor slices (default 3)")
+    ps.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ps.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    ps.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file")
+    ps.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    ps.add_argument("--out", default=None, metavar="DIR", help="also write speed.json there")
+    ps.set_defaults(func=run_speed_cmd)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    return p
+
+
+def _cases(args):
+    from ..bench.cases import load_cases
+
+    return load_cases(_str_list(args.cases), data_dir=args.data,
+                      phantom_shape=_shape(args.phantom_shape, "--phantom-shape"),
+                      phantom_seeds=_int_list(args.phantom_seeds, "--phantom-seeds"))
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create output folder {out} ({exc.strerror}); pass a writable --out.") from None
+    return out
+
+
+def _device(name: str) -> str:
+    from ..device import resolve_device
+
+    return str(resolve_device(name))
+
+
+def run_propagate(args: argparse.Namespace) -> int:
+    from ..bench.protocol import _check_methods, machine_description, run_k_slice, write_k_slice_report
+
+    ks = _int_list(args.ks, "--ks")
+    methods = _check_methods(_str_list(args.methods))
+    device = _device(args.device)
+    out = _out_dir(args.out)
+    results = []
+    for case in _cases(args):
+        results.append(run_k_slice(case.image_hu, case.labels, case.spacing, ks=ks, methods=methods, case=case.name,
+                                   weights=args.weights, device=device, label_names=case.label_names, progress=_bar))
+        write_k_slice_report(results, out, machine=machine_description())  # partial results survive a crash
+    paths = write_k_slice_report(results, out, machine=machine_description())
+    print(paths["md"].read_text())
+    print(f"wrote {paths['json']}, {paths['png']}, {paths['md']}")
+    return 0
+
+
+def run_loop_cmd(args: argparse.Namespace) -> int:
+    from ..bench.loop import POLICIES, run_loop, write_loop_report
+    from ..bench.protocol import machine_description
+
+    policies = _str_list(args.policies)
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise InputError(f"Unknown policy {', '.join(bad)}; choose from {', '.join(POLICIES)}.")
+    methods = _str_list(args.methods)
+    device = _device(args.device)
+    out = _out_dir(args.out)
+    results = []
+    for case in _cases(args):
+        results.append(run_loop(case.image_hu, case.labels, case.spacing, methods=methods, policies=policies, k=args.k,
+                                max_rounds=args.max_rounds, stop_at_target=not args.no_stop, weights=args.weights,
+                                device=device, seed=args.seed, case=case.name, progress=_bar))
+        write_loop_report(results, out, machine=machine_description())
+    paths = write_loop_report(results, out, machine=machine_description())
+    print(paths["md"].read_text())
+    print(f"wrote {paths['json']}, {paths['png']}, {paths['md']}")
+    return 0
+
+
+def run_speed_cmd(args: argparse.Namespace) -> int:
+    from ..bench.cases import make_phantom_case
+    from ..bench.protocol import machine_description, run_speed, write_json
+
+    shape = _shape(args.shape, "--shape")
+    try:
+        spacing = tuple(float(v) for v in args.spacing.split(","))
+    except ValueError:
+        raise InputError(f"--spacing {args.spacing!r} is not three numbers in mm, e.g. 2.5,0.8,0.8.") from None
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"--spacing {args.spacing!r} must be three positive numbers in mm.")
+    device = _device(args.device)
+    case = make_phantom_case(shape, spacing, args.seed)
+    res = run_speed(case.image_hu, case.labels, method=args.method, k=args.k, weights=args.weights, device=device,
+                    threads=args.threads, case=case.name)
+    res["machine"] = machine_description()
+    print(json.dumps(res, indent=1))
+    if args.out:
+        path = write_json(res, _out_dir(args.out) / "speed.json")
+        print(f"wrote {path}")
+    return 0
