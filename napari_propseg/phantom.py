@@ -86,6 +86,8 @@ _TISSUES: list[tuple[str, float, float]] = [
     ("table_shell", 150.0, 30.0),
     ("rib_marrow", 260.0, 50.0),
     ("iliac_vessel", 180.0, 8.0),
+    ("endplate", 430.0, 60.0),
+    ("heart_blood", 150.0, 8.0),
 ]
 _T = {name: i for i, (name, _, _) in enumerate(_TISSUES)}
 _HU_LUT = np.array([hu for _, hu, _ in _TISSUES], dtype=np.float32)
@@ -425,15 +427,19 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
     lu0 = 0.80 + J(0.02)
     for name, side in (("lung_r", -1), ("lung_l", 1)):
         sl = np.clip((t - lu0) / (1.0 - lu0), 0, 1)
-        B[name] = _make_blob(rng, t, cx=side * (0.42 - 0.05 * sl), cy=0.28 - 0.3 * sl, a=0.34, b=0.36,
-                             theta=side * 0.4, scale=_ramp(t, lu0, lu0 + 0.25) * (t > lu0), harm_amp=0.05)
+        B[name] = _make_blob(rng, t, cx=side * (0.42 - 0.05 * sl), cy=0.3 - 0.3 * sl, a=0.42, b=0.45,
+                             theta=side * 0.4, scale=_ramp(t, lu0, lu0 + 0.17) * (t > lu0), harm_amp=0.05)
+    # --- heart: apex and ventricles appear above the dome, anterior and left of midline
+    he0 = 0.90 + J(0.015)
+    B["heart"] = _make_blob(rng, t, cx=0.1, cy=-0.2, a=0.3, b=0.22, theta=0.5,
+                            scale=_envelope(t, he0, he0 + 0.35, peak=0.5, power=0.5), harm_amp=0.04)
     # --- colon: ascending (right) and descending (left) with gas, lower abdomen
     for name, side in (("colon_r", -1), ("colon_l", 1)):
         ct0 = 0.0
         ct1 = (0.55 if side < 0 else 0.72) + J(0.03)
         B[name] = _make_blob(rng, t, cx=side * 0.55, cy=-0.05 + 0.05 * side, a=0.1, b=0.09,
                              scale=_envelope(t, ct0 - 0.3, ct1, peak=0.7, power=0.3), harm_amp=0.1)
-    an.extra["bowel_top"] = 0.58 + J(0.02)
+    an.extra["bowel_top"] = 0.64 + J(0.02)
     # --- ribs: angles (from the lateral direction) of the lower ribs' cross sections
     an.extra["ribs"] = dict(offsets=rng.uniform(0, 1, 16), period=0.16 + J(0.01))
     return an
@@ -458,7 +464,9 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
     body = rho < 1.0
     inner_fat = 1.0 - an.fat[k]
     cavity_r = inner_fat - an.muscle
-    cavity = rho < cavity_r
+    # rectus abdominis: the wall is thicker anteriorly near the midline
+    rectus = an.muscle * 1.2 * np.exp(-((U - an.body_cx[k]) / 0.2) ** 2) * (dvv < 0)
+    cavity = rho < cavity_r - rectus
     # CT table under the patient
     v_tab = an.body_cy[k] + an.body_b_post[k] + 0.06
     tab_c = v_tab + 0.12 * U ** 2
@@ -493,6 +501,11 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
             win, m, *_ = res
             vf = vessel_f[win[0], win[1]]
             _paint(tissue, labels, win, m & (np.abs(vf) < 0.05), _T["lung_vessel"], 0)
+    res = blob_paint("heart", _T["fat"], 0, grow=1.12)
+    if res is not None:
+        win, m, f, *_ = res
+        _paint(tissue, labels, win, m & (f < 1.0 / 1.12), _T["muscle"], 0)
+        _paint(tissue, labels, win, m & (f < 0.7 / 1.12), _T["heart_blood"], 0)
 
     # --- small bowel loops (mesenteric fat between), with gas in some loops
     if t < an.extra["bowel_top"] + 0.06:
@@ -662,8 +675,7 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
         else:
             endplate = q < 0.26 or q > 0.95
             _paint(tissue, labels, win, vb, _T["cortical_bone"], VERTEBRAE)
-            if not endplate:
-                _paint(tissue, labels, win, rb < 0.84, _T["cancellous_bone"], VERTEBRAE)
+            _paint(tissue, labels, win, rb < 0.84, _T["endplate" if endplate else "cancellous_bone"], VERTEBRAE)
         cy_c = b + 0.075  # spinal canal centre behind the body
         rc = np.sqrt(Uw ** 2 + (Vw - cy_c) ** 2)
         arch = (rc < 0.1) & (rc >= 0.058) & (Vw > b * 0.6)
