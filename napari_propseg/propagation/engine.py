@@ -1,0 +1,531 @@
+"""Propagation engine: labels from anchor slices through a CT volume (core, no Qt).
+
+The user corrects a few axial slices (anchors); the engine fills every other slice.
+
+Semantics:
+
+* **Anchors are hard constraints.** Anchor slices come back bit-identical (an empty anchor
+  means "no organ here"); they are the only slices the memory is seeded from.
+* **Between two anchors** ``a < b`` the labels are propagated from ``a`` upward and from
+  ``b`` downward; the two passes' class probabilities are fused per slice with linear
+  weights favouring the nearer anchor, ``w_a = (b - z) / (b - a)``, ``w_b = 1 - w_a``.
+  The objects are the labels on either anchor.
+* **Beyond the outermost anchors** the labels of that anchor are propagated outward; a
+  label stops once its probability stays under ``stop_threshold`` everywhere on
+  ``stop_patience`` consecutive slices, and propagation ends when every label stopped
+  (no runaway into the legs or the neck).
+* **Memory is bounded** (:class:`~napari_propseg.propagation.memory.MemoryBank`): each pass
+  holds its anchor plus every ``memory_every``-th propagated slice, at most
+  ``memory_cap`` slices, evicting the oldest non-anchor. Memory does not grow with the
+  volume beyond the cap.
+* **Keys are encoded once per slice** and cached for the engine's lifetime: all labels of a
+  slice share one key and one affinity, and a second propagation re-encodes nothing.
+* **Re-propagation** after corrections recomputes only the gaps next to each changed slice
+  (outward too when it is an outermost anchor); every other slice is returned unchanged.
+* **Locked labels** are never propagated or overwritten: their voxels are kept as in the
+  input on every slice.
+* The network works at its config's resolution (slices resized to ``R x R``); fused
+  probabilities are upsampled bilinearly to full size before the arg-max. On CUDA it runs
+  under fp16 autocast.
+
+Per-slice **confidence** (``[0, 1]``, 1 on anchors, low = doubtful), for suggesting the next
+slice to check, is the product of three terms computed on each (re)computed slice:
+
+* ``agreement``: between two anchors, the fraction of the foreground (of either pass) on
+  which the two passes' arg-max labels agree (1 outside the anchors, where there is one pass);
+* ``certainty``: 1 - mean normalised entropy ``H(p) / log(K + 1)`` of the fused
+  probabilities over the pixels holding any foreground probability (> 0.05);
+* ``smoothness``: 1 - sum_l |a_l(z) - m_l(z)| / sum_l max(a_l(z), m_l(z)), where ``a_l`` is
+  label l's area and ``m_l`` the mean of its areas on the neighbouring slices.
+
+With ``method="interp"`` the labels come from :func:`~.interp.sdf_interpolate` and the
+confidence from the SDF blend (see :func:`~.interp.sdf_interpolate_with_confidence`);
+slices outside the outermost anchors are left empty there and get confidence 0.5 when
+that anchor holds labels (which may continue), 1 otherwise.
+
+Example:
+    >>> eng = PropagationEngine(volume_hu, method="interp")            # doctest: +SKIP
+    >>> res = eng.propagate(labels, anchors=[10, 40, 70])              # doctest: +SKIP
+    >>> res = eng.repropagate(res.labels, [10, 25, 40, 70], changed=[25])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..device import resolve_device
+from ..errors import InputError
+from ..preprocess import resize_slices, window_ct
+from ..progress import CancelFn, ProgressFn, check_cancel, report
+from ..weights import models_dir
+from .interp import check_anchors, sdf_interpolate_with_confidence
+from .memory import MemoryBank
+from .network import STCN, load_stcn, others_union
+
+log = logging.getLogger(__name__)
+
+METHODS = ("stcn", "interp")
+#: Confidence given to slices this engine never computed (unknown, neither good nor bad).
+UNKNOWN_CONFIDENCE = 0.5
+
+
+def default_weights_path() -> Path:
+    """``models_dir()/propagation/stcn_default.pt`` (``$PROPSEG_MODELS`` overrides the folder)."""
+    return models_dir() / "propagation" / "stcn_default.pt"
+
+
+@dataclass
+class PropagationResult:
+    """Output of :meth:`PropagationEngine.propagate` / :meth:`PropagationEngine.repropagate`.
+
+    Attributes:
+        labels: (Z, Y, X) integer labels, the input's dtype; anchor slices bit-identical to
+            the input.
+        confidence: (Z,) float32 in [0, 1]; 1.0 on anchors; low = doubtful.
+        computed: slice indices (re)computed by this call, ascending.
+        seconds: wall-clock seconds of the call.
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    computed: list[int]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of non-anchor slices and the anchor(s) it is propagated from.
+
+    ``kind`` is ``"between"`` (slices ``lo+1 .. hi-1`` between anchors ``lo`` and ``hi``),
+    ``"below"`` (slices ``0 .. hi-1`` under the lowest anchor ``hi``) or ``"above"``
+    (slices ``lo+1 .. Z-1`` over the highest anchor ``lo``).
+    """
+
+    kind: str
+    lo: int | None
+    hi: int | None
+    depth: int = field(compare=False, default=0)
+
+    @property
+    def slices(self) -> list[int]:
+        if self.kind == "between":
+            return list(range(self.lo + 1, self.hi))
+        if self.kind == "below":
+            return list(range(0, self.hi))
+        return list(range(self.lo + 1, self.depth))
+
+
+def all_segments(anchors: Sequence[int], depth: int) -> list[Segment]:
+    """Segments covering every non-anchor slice of a ``depth``-slice volume."""
+    segs = []
+    if anchors[0] > 0:
+        segs.append(Segment("below", None, anchors[0], depth))
+    segs += [Segment("between", a, b, depth) for a, b in zip(anchors[:-1], anchors[1:]) if b - a > 1]
+    if anchors[-1] < depth - 1:
+        segs.append(Segment("above", anchors[-1], None, depth))
+    return segs
+
+
+def affected_segments(anchors: Sequence[int], changed: Iterable[int], depth: int) -> list[Segment]:
+    """Segments to recompute after the slices ``changed`` were edited.
+
+    A changed anchor affects the gaps to its neighbouring anchors, and the outward run
+    when it is the lowest or highest anchor; a changed non-anchor slice (e.g. an anchor
+    that was removed) affects the gap or outward run that contains it.
+    """
+    segs = all_segments(anchors, depth)
+    out: list[Segment] = []
+    for c in changed:
+        c = int(c)
+        if c < 0 or c >= depth:
+            raise InputError(f"Changed slice {c} lies outside the volume's {depth} slices; pick slices 0..{depth - 1}.")
+        for s in segs:
+            touches = c in s.slices or c == s.lo or c == s.hi
+            if touches and s not in out:
+                out.append(s)
+    return sorted(out, key=lambda s: s.slices[0])
+
+
+class PropagationEngine:
+    """Propagate labels from anchor slices through one CT volume.
+
+    Args:
+        volume_hu: (Z, Y, X) CT in Hounsfield units (canonical LPS, slice axis first).
+        method: ``"stcn"`` (memory network) or ``"interp"`` (signed-distance interpolation).
+        weights: STCN weight file; None takes :func:`default_weights_path`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        memory_every: a propagated slice enters the memory every this many slices.
+        memory_cap: most slices in the memory of one pass (its anchor included).
+        stop_threshold: a label is "absent" on a slice when its probability is below this
+            on every pixel.
+        stop_patience: outward propagation of a label stops after this many consecutive
+            absent slices.
+
+    Raises:
+        InputError: bad volume or parameter, an unknown method or device, no trained
+            weights for ``method="stcn"``, or weights that do not match the architecture.
+    """
+
+    def __init__(
+        self,
+        volume_hu: np.ndarray,
+        *,
+        method: str = "stcn",
+        weights: str | None = None,
+        device: str = "auto",
+        memory_every: int = 5,
+        memory_cap: int = 16,
+        stop_threshold: float = 0.5,
+        stop_patience: int = 3,
+    ) -> None:
+        vol = np.asarray(volume_hu)
+        if vol.ndim != 3 or min(vol.shape) < 1:
+            raise InputError(f"The CT volume must be a non-empty (Z, Y, X) array, got shape {vol.shape}.")
+        if method not in METHODS:
+            raise InputError(f"Unknown propagation method {method!r}; use one of {', '.join(METHODS)}.")
+        if int(memory_every) < 1 or int(memory_cap) < 2:
+            raise InputError(f"memory_every must be >= 1 and memory_cap >= 2, got {memory_every} and {memory_cap}.")
+        if not 0.0 < float(stop_threshold) < 1.0 or int(stop_patience) < 1:
+            raise InputError(f"stop_threshold must lie in (0, 1) and stop_patience be >= 1, got {stop_threshold} and {stop_patience}.")
+        self.volume_hu = vol
+        self.method = method
+        self.memory_every = int(memory_every)
+        self.memory_cap = int(memory_cap)
+        self.stop_threshold = float(stop_threshold)
+        self.stop_patience = int(stop_patience)
+        self.device = resolve_device(device)
+        self.model: STCN | None = None
+        self.weights_path: Path | None = None
+        if method == "stcn":
+            path = Path(weights).expanduser() if weights is not None else default_weights_path()
+            if weights is None and not path.is_file():
+                raise InputError(
+                    f"No trained propagation weights were found (looked for {path}); train them with "
+                    "'propseg train propagation' or pass --weights, or use method='interp' (--method interp) "
+                    "for signed-distance interpolation."
+                )
+            self.model = load_stcn(path).to(self.device).eval()
+            self.weights_path = path
+        self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._confidence = np.full(vol.shape[0], np.nan, dtype=np.float32)
+        #: counters for tests and benchmarks: keys encoded, values encoded, largest memory bank.
+        self.stats = {"keys_encoded": 0, "values_encoded": 0, "memory_peak": 0}
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def resolution(self) -> int | None:
+        """Working resolution of the network (None for ``method="interp"``)."""
+        return None if self.model is None else self.model.resolution
+
+    def propagate(
+        self,
+        labels: np.ndarray,
+        anchors: Sequence[int],
+        *,
+        locked_labels: Iterable[int] = (),
+        progress: ProgressFn = None,
+        cancel: CancelFn = None,
+    ) -> PropagationResult:
+        """Fill every non-anchor slice from the anchors.
+
+        Args:
+            labels: (Z, Y, X) integer labels on the volume's grid; the anchor slices are
+                read, other slices only for the locked labels.
+            anchors: anchor slice indices (hard constraints; may be empty slices).
+            locked_labels: ids kept exactly as in ``labels`` on every slice.
+            progress: ``(step, total, message)`` callback, once per slice and pass.
+            cancel: returns True to stop; raises :class:`CancelledError` between slices.
+
+        Returns:
+            :class:`PropagationResult`.
+        """
+        labels, anchors, locked = self._check(labels, anchors, locked_labels)
+        return self._run(labels, anchors, all_segments(anchors, labels.shape[0]), locked, progress, cancel)
+
+    def repropagate(
+        self,
+        labels: np.ndarray,
+        anchors: Sequence[int],
+        changed: Iterable[int],
+        *,
+        locked_labels: Iterable[int] = (),
+        progress: ProgressFn = None,
+        cancel: CancelFn = None,
+    ) -> PropagationResult:
+        """Recompute only what the edits of ``changed`` slices affect.
+
+        Only the gaps between the anchors neighbouring each changed slice are recomputed
+        (and the outward run when a changed slice is the lowest/highest anchor); all other
+        slices are returned unchanged from ``labels``.
+
+        Args:
+            labels: (Z, Y, X) current labels (e.g. the previous result with corrections).
+            anchors: all anchor slices, including the newly corrected ones.
+            changed: slices edited since the last (re)propagation.
+            locked_labels, progress, cancel: as :meth:`propagate`.
+        """
+        labels, anchors, locked = self._check(labels, anchors, locked_labels)
+        segs = affected_segments(anchors, changed, labels.shape[0])
+        return self._run(labels, anchors, segs, locked, progress, cancel)
+
+    def suggest_next(self, confidence: np.ndarray, anchors: Sequence[int]) -> int:
+        """The least confident non-anchor slice (the one to check next).
+
+        Args:
+            confidence: (Z,) per-slice confidence (NaN counts as unknown, 0.5).
+            anchors: anchor slices, never suggested.
+
+        Raises:
+            InputError: every slice is already an anchor.
+        """
+        conf = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=UNKNOWN_CONFIDENCE)
+        candidates = np.setdiff1d(np.arange(conf.shape[0]), np.asarray(list(anchors), dtype=np.int64))
+        if candidates.size == 0:
+            raise InputError("Every slice is already an anchor; there is no slice left to check.")
+        return int(candidates[np.argmin(conf[candidates])])
+
+    # ------------------------------------------------------------------ driver
+    def _check(self, labels, anchors, locked_labels) -> tuple[np.ndarray, list[int], np.ndarray]:
+        labels = np.asarray(labels)
+        if labels.shape != self.volume_hu.shape:
+            raise InputError(f"The label volume's shape {labels.shape} differs from the CT's {self.volume_hu.shape}; put the labels on the image grid.")
+        if not np.issubdtype(labels.dtype, np.integer):
+            if not np.all(np.mod(labels, 1) == 0):
+                raise InputError("The label volume holds non-integer values; pass integer label ids.")
+            labels = labels.astype(np.int32)
+        anchors = check_anchors(anchors, labels.shape[0])
+        locked = np.array(sorted({int(v) for v in locked_labels}), dtype=np.int64)
+        return labels, anchors, locked
+
+    def _run(self, labels, anchors, segs, locked, progress, cancel) -> PropagationResult:
+        t0 = time.perf_counter()
+        out = labels.copy()
+        computed = sorted(z for s in segs for z in s.slices)
+        if self.method == "interp":
+            conf = self._run_interp(labels, anchors, segs, locked, out, progress, cancel)
+        else:
+            conf = self._run_stcn(labels, segs, locked, out, progress, cancel)
+        self._confidence[anchors] = 1.0
+        self._confidence[computed] = conf[computed]
+        confidence = np.nan_to_num(self._confidence, nan=UNKNOWN_CONFIDENCE).astype(np.float32)
+        confidence[anchors] = 1.0
+        seconds = time.perf_counter() - t0
+        log.info("%s: %d slices computed in %.2f s", self.method, len(computed), seconds)
+        return PropagationResult(out, confidence, computed, seconds)
+
+    def _run_interp(self, labels, anchors, segs, locked, out, progress, cancel) -> np.ndarray:
+        gaps = [(s.lo, s.hi) for s in segs if s.kind == "between"]
+        interp, conf = sdf_interpolate_with_confidence(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel, ranges=gaps)
+        for s in segs:
+            zs = s.slices
+            out[zs] = interp[zs]
+            if s.kind != "between":
+                anchor = s.hi if s.kind == "below" else s.lo
+                has = bool(np.any((labels[anchor] != 0) & ~np.isin(labels[anchor], locked)))
+                conf[zs] = UNKNOWN_CONFIDENCE if has else 1.0
+        return conf
+
+    # ------------------------------------------------------------------ STCN
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _frame(self, z: int) -> torch.Tensor:
+        """(1, 3, R, R) windowed, resized slice on the device."""
+        r = self.model.resolution
+        hu = torch.from_numpy(np.ascontiguousarray(self.volume_hu[z], dtype=np.float32)).to(self.device)
+        return resize_slices(window_ct(hu), (r, r), mode="bilinear").unsqueeze(0)
+
+    def _features(self, z: int) -> tuple[torch.Tensor, ...]:
+        """Cached (key, f16, f8, f4) of slice z, each (1, C, h, w); encoded on first use."""
+        feats = self._keys.get(z)
+        if feats is None:
+            with self._autocast():
+                feats = tuple(t.to(self._cache_dtype) for t in self.model.encode_key(self._frame(z)))
+            self._keys[z] = feats
+            self.stats["keys_encoded"] += 1
+        return feats
+
+    def _masks(self, label_slice: np.ndarray, objects: Sequence[int]) -> torch.Tensor:
+        """(1, K, R, R) soft masks of the objects on one slice at working resolution."""
+        r = self.model.resolution
+        lab = torch.from_numpy(np.ascontiguousarray(label_slice).astype(np.int64)).to(self.device)
+        ids = torch.as_tensor(list(objects), dtype=torch.int64, device=self.device)
+        onehot = (lab[None] == ids[:, None, None]).to(torch.float32)  # K, Y, X
+        return resize_slices(onehot, (r, r), mode="bilinear").clamp_(0.0, 1.0).unsqueeze(0)
+
+    def _encode_value(self, z: int, f16: torch.Tensor, masks: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, K, Cv, h, w) values of slice z for (1, K, R, R) masks (others: their complements)."""
+        with self._autocast():
+            v = self.model.encode_value(self._frame(z), f16, masks, others_union(masks) if others is None else others)
+        self.stats["values_encoded"] += masks.shape[1]
+        return v
+
+    def _pass(self, start: int, start_masks: torch.Tensor, targets: list[int], *, stop: bool, tick: Callable[[int], None], cancel) -> dict[int, torch.Tensor]:
+        """One propagation pass from an anchor over ``targets`` (in order).
+
+        Args:
+            start: anchor slice.
+            start_masks: (1, K, R, R) object masks on the anchor.
+            targets: slices to segment, in propagation order.
+            stop: stop objects that vanish (outward passes).
+            tick: called once per target slice.
+
+        Returns:
+            slice -> (K+1, R, R) float32 probabilities (channel 0 background).
+        """
+        k = start_masks.shape[1]
+        bank = MemoryBank(cap=self.memory_cap, every=self.memory_every)
+        key0, f16_0 = self._features(start)[:2]
+        bank.add(start, key0[0], self._encode_value(start, f16_0, start_masks)[0], anchor=True)
+        active = torch.ones(k, dtype=torch.bool, device=self.device)
+        misses = torch.zeros(k, dtype=torch.int64, device=self.device)
+        probs: dict[int, torch.Tensor] = {}
+        r = self.model.resolution
+        for step, z in enumerate(targets, start=1):
+            check_cancel(cancel)
+            prob = torch.zeros((k + 1, r, r), dtype=torch.float32, device=self.device)
+            if bool(active.any()):
+                idx = torch.nonzero(active).flatten()
+                qk, f16, f8, f4 = self._features(z)
+                mk, mv = bank.tensors()
+                with self._autocast():
+                    logits = self.model.segment(qk, f16, f8, f4, mk, mv[:, idx])
+                p = torch.softmax(logits.float(), dim=1)[0]  # Ka+1, R, R
+                prob[0] = p[0]
+                prob[1 + idx] = p[1:]
+                if stop:
+                    present = (prob[1:] > self.stop_threshold).flatten(1).any(dim=1)
+                    misses = torch.where(present, torch.zeros_like(misses), misses + 1)
+                    newly = active & (misses >= self.stop_patience)
+                    if bool(newly.any()):
+                        log.debug("outward pass from %d: object(s) %s stop at slice %d", start, torch.nonzero(newly).flatten().tolist(), z)
+                    active &= ~newly
+                if bank.wants(step) and bool(active.any()):
+                    idx = torch.nonzero(active).flatten()
+                    masks = prob[1:].unsqueeze(0)  # 1, K, R, R
+                    v_act = self._encode_value(z, f16, masks[:, idx], others_union(masks)[:, idx])
+                    if len(idx) == k:
+                        v = v_act
+                    else:  # stopped objects keep zero values: they are never read again
+                        v = torch.zeros((1, k) + tuple(v_act.shape[2:]), dtype=v_act.dtype, device=self.device)
+                        v[:, idx] = v_act
+                    bank.add(z, qk[0], v[0])
+            else:
+                prob[0] = 1.0
+            probs[z] = prob
+            tick(z)
+        self.stats["memory_peak"] = max(self.stats["memory_peak"], bank.peak)
+        return probs
+
+    def _run_stcn(self, labels, segs, locked, out, progress, cancel) -> np.ndarray:
+        depth = labels.shape[0]
+        conf = np.full(depth, np.nan, dtype=np.float32)
+        total = sum(len(s.slices) * (2 if s.kind == "between" else 1) for s in segs)
+        done = [0]
+
+        def tick(z: int) -> None:
+            done[0] += 1
+            report(progress, done[0], total, f"propagating slice {z}")
+
+        agreement: dict[int, float] = {}
+        fused: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for seg in segs:
+                zs = seg.slices
+                ends = [a for a in (seg.lo, seg.hi) if a is not None]
+                ids = np.unique(np.concatenate([np.unique(labels[a]) for a in ends]))
+                objects = [int(i) for i in ids if i != 0 and i not in locked]
+                if not objects:
+                    for z in zs:
+                        check_cancel(cancel)
+                        out[z] = np.where(np.isin(labels[z], locked), labels[z], 0)
+                        conf[z] = 1.0
+                        for _ in range(2 if seg.kind == "between" else 1):
+                            tick(z)
+                    continue
+                if seg.kind == "between":
+                    up = self._pass(seg.lo, self._masks(labels[seg.lo], objects), zs, stop=False, tick=tick, cancel=cancel)
+                    for z in zs:  # keep the first pass compact while the second runs
+                        up[z] = up[z].to(torch.float16)
+                    down = self._pass(seg.hi, self._masks(labels[seg.hi], objects), zs[::-1], stop=False, tick=tick, cancel=cancel)
+                    for z in zs:
+                        wa = (seg.hi - z) / (seg.hi - seg.lo)
+                        pu, pd = up.pop(z).float(), down.pop(z)
+                        p = wa * pu + (1.0 - wa) * pd
+                        agreement[z] = _agreement(pu, pd)
+                        self._finish(z, p, objects, labels, locked, out, fused)
+                else:
+                    start = seg.hi if seg.kind == "below" else seg.lo
+                    order = zs[::-1] if seg.kind == "below" else zs
+                    probs = self._pass(start, self._masks(labels[start], objects), order, stop=True, tick=tick, cancel=cancel)
+                    for z in order:
+                        agreement[z] = 1.0
+                        self._finish(z, probs.pop(z), objects, labels, locked, out, fused)
+        for z, certainty in fused.items():
+            conf[z] = agreement[z] * certainty * _smoothness(out, z, locked)
+        return conf
+
+    def _finish(self, z, p, objects, labels, locked, out, fused) -> None:
+        """Upsample fused (K+1, R, R) probabilities, arg-max into label ids, keep locked voxels."""
+        full = F.interpolate(p.unsqueeze(0), size=labels.shape[1:], mode="bilinear", align_corners=False)[0]
+        lut = torch.as_tensor([0] + list(objects), dtype=torch.int64, device=p.device)
+        lab = lut[full.argmax(dim=0)].cpu().numpy().astype(labels.dtype)
+        if locked.size:
+            keep = np.isin(labels[z], locked)
+            lab[keep] = labels[z][keep]
+        out[z] = lab
+        fused[z] = _certainty(p)
+
+
+# --------------------------------------------------------------------------- confidence terms
+def _agreement(pa: torch.Tensor, pb: torch.Tensor) -> float:
+    """Fraction of the foreground (of either pass) where two passes' arg-max labels agree."""
+    ha, hb = pa.argmax(dim=0), pb.argmax(dim=0)
+    union = (ha > 0) | (hb > 0)
+    n = int(union.sum())
+    if n == 0:
+        return 1.0
+    return float(((ha == hb) & union).sum()) / n
+
+
+def _certainty(p: torch.Tensor) -> float:
+    """1 - mean normalised entropy of (K+1, R, R) probabilities over pixels with foreground mass."""
+    k1 = p.shape[0]
+    region = (1.0 - p[0]) > 0.05
+    if k1 < 2 or not bool(region.any()):
+        return 1.0
+    ent = -(p.clamp_min(1e-8).log() * p).sum(dim=0) / np.log(k1)
+    return float(1.0 - ent[region].mean().clamp(0.0, 1.0))
+
+
+def _smoothness(labels: np.ndarray, z: int, locked: np.ndarray) -> float:
+    """1 - relative change of per-label areas from the mean of the neighbouring slices."""
+    def areas(s: np.ndarray) -> dict[int, int]:
+        ids, counts = np.unique(s, return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts) if i != 0 and i not in locked}
+
+    here = areas(labels[z])
+    nbrs = [areas(labels[n]) for n in (z - 1, z + 1) if 0 <= n < labels.shape[0]]
+    if not nbrs:
+        return 1.0
+    keys = set(here).union(*[set(n) for n in nbrs])
+    if not keys:
+        return 1.0
+    diff = tot = 0.0
+    for key in keys:
+        a = here.get(key, 0)
+        m = sum(n.get(key, 0) for n in nbrs) / len(nbrs)
+        diff += abs(a - m)
+        tot += max(a, m)
+    return float(1.0 - diff / tot) if tot > 0 else 1.0
