@@ -321,17 +321,17 @@ class _Anatomy:
     """All per-slice parameters of one phantom (arrays are (Z,))."""
 
     t: np.ndarray
-    body_cx: np.ndarray = None
-    body_cy: np.ndarray = None
-    body_a: np.ndarray = None
-    body_b_ant: np.ndarray = None
-    body_b_post: np.ndarray = None
-    fat: np.ndarray = None
+    body_cx: np.ndarray | None = None
+    body_cy: np.ndarray | None = None
+    body_a: np.ndarray | None = None
+    body_b_ant: np.ndarray | None = None
+    body_b_post: np.ndarray | None = None
+    fat: np.ndarray | None = None
     muscle: float = 0.045
-    spine_u: np.ndarray = None
-    spine_v: np.ndarray = None
-    spine_a: np.ndarray = None
-    spine_b: np.ndarray = None
+    spine_u: np.ndarray | None = None
+    spine_v: np.ndarray | None = None
+    spine_a: np.ndarray | None = None
+    spine_b: np.ndarray | None = None
     vert_phase: float = 0.0
     vert_period: float = _VERTEBRA_PERIOD
     blobs: dict = field(default_factory=dict)
@@ -404,7 +404,7 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
         t1 = t0 + 0.37 + J(0.02)
         sk = np.clip((t - t0) / (t1 - t0), 0, 1)
         kw = dict(cx=side * (0.37 + 0.04 * (1 - sk)), cy=0.21 - 0.03 * (1 - sk), a=0.18, b=0.12,
-                  theta=side * (-0.75 - 0.2 * (1 - sk)) + np.pi / 2 * 0, harm_amp=0.03, wob_c=0.008)
+                  theta=side * (-0.75 - 0.2 * (1 - sk)), harm_amp=0.03, wob_c=0.008)
         split_len = 0.08 + rng.uniform(0.0, 0.04)
         main0 = t0 + split_len * (t1 - t0)
         B[name] = _make_blob(rng, t, scale=_envelope(t, main0, t1, peak=0.5, power=0.5), **kw)
@@ -441,7 +441,7 @@ def _build_anatomy(rng: np.random.Generator, t: np.ndarray) -> _Anatomy:
                              scale=_envelope(t, ct0 - 0.3, ct1, peak=0.7, power=0.3), harm_amp=0.1)
     an.extra["bowel_top"] = 0.64 + J(0.02)
     # --- ribs: angles (from the lateral direction) of the lower ribs' cross sections
-    an.extra["ribs"] = dict(offsets=rng.uniform(0, 1, 16), period=0.16 + J(0.01))
+    an.extra["ribs"] = dict(offsets=rng.uniform(0, 1, 2), period=0.115 + J(0.006))
     return an
 
 
@@ -697,13 +697,14 @@ def _paint_slice(k: int, an: _Anatomy, grid: _Grid, U: np.ndarray, V: np.ndarray
     # --- ribs (unlabelled bone): cross sections along the wall of the upper abdomen
     R = an.extra["ribs"]
     if t > 0.45:
-        n_r = 8
-        for i in range(n_r):
+        for i in range(10):
             for side in (-1, 1):
                 # angle measured from posterior; ribs reach further anteriorly higher up
-                ang = 0.55 + i * 0.27 * (0.6 + 0.4 * _ramp(np.array([t]), 0.45, 0.95)[0])
-                phase = (t / R["period"] + R["offsets"][i + (8 if side > 0 else 0)] + 0.35 * ang) % 1.0
-                if phase > 0.45 or ang > 0.6 + 2.6 * (t - 0.4):
+                ang = 0.55 + i * 0.21
+                # ribs slope down anteriorly: the phase along z advances with the angle, so
+                # one slice cuts several ribs and each rib shows up periodically along z
+                phase = (t / R["period"] + R["offsets"][int(side > 0)] + 1.3 * ang) % 1.0
+                if phase > 0.42 or ang > 0.9 + 3.5 * (t - 0.45):
                     continue
                 rr = inner_fat - an.muscle * 0.5
                 cx = an.body_cx[k] + side * math.sin(ang) * rr * an.body_a[k]
