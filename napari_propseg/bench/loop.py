@@ -179,7 +179,7 @@ def run_loop(
         JSON-able dict with ``curves``: one per (method, policy) with ``rounds`` (list of
         ``{"corrected", "slice", "mean_dice", "seconds"}``, round 0 = initial
         propagation), ``reached`` ({target: {"corrected", "seconds"} or None}),
-        ``anchors_unchanged`` and ``peak_mb``; or ``{"skipped": reason}``.
+        ``anchors_unchanged`` and ``peak_mb`` (RSS growth over the whole curve); or ``{"skipped": reason}``.
     """
     gt = _check_gt(gt)
     image_hu = np.asarray(image_hu)
@@ -229,7 +229,7 @@ def run_loop(
             rng = np.random.default_rng(seed)
             anchors = list(anchors0)
             corrected: set[int] = set()
-            with PeakMemory() as mem:
+            with PeakMemory(trace=False) as mem:  # RSS growth: the loop also scores
                 t0 = time.perf_counter()
                 res = engine.propagate(labels0.copy(), list(anchors))
                 secs = time.perf_counter() - t0
