@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="number of uniformly spaced reference slices (default: min(Z // 5, 64))")
     p.add_argument("--scan", type=int, default=None, metavar="N",
                    help="also look at every N-th slice for each organ's largest slice")
-    p.add_argument("--method", default="stcn", help="propagation method of the engine (default: stcn)")
+    p.add_argument("--method", default="stcn", help="propagation method: stcn (memory network) or interp (signed-distance interpolation); default stcn")
     p.add_argument("--seeds", metavar="SEEDS", default=None, help="also write the reference-slice labels here")
     p.add_argument("--series", metavar="UID", default=None, help="SeriesInstanceUID to read from a DICOM folder")
     add_model_args(p)
@@ -53,8 +53,8 @@ def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device
         kwargs["progress"] = progress
     if "cancel" in params:
         kwargs["cancel"] = cancel
-    labels = engine.propagate(sug.labels, list(sug.slices), **kwargs)
-    labels = getattr(labels, "array", labels)
+    result = engine.propagate(sug.labels, list(sug.slices), **kwargs)
+    labels = getattr(result, "labels", result)  # PropagationResult.labels (Z, Y, X)
     return labels, sug
 
 
