@@ -36,7 +36,7 @@ import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -324,6 +324,7 @@ def train_propagation(
     cache: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     data: TrainingData | None = None,
+    on_step: Callable[[int, torch.nn.Module, dict], None] | None = None,
 ) -> Path:
     """Train the STCN propagation network (stage 0, then stage 1) and export its weights.
 
@@ -343,6 +344,9 @@ def train_propagation(
             volumes are then not read again (no SimpleITK needed).
         overrides: options that win over the file (e.g. ``{"stage1_steps": 100}``).
         data: already loaded :class:`TrainingData` (tests); wins over ``cache``.
+        on_step: called on every rank after every optimisation step with
+            ``(step, model, losses)`` (the unwrapped model, this rank's loss tensors), e.g.
+            to inspect the weights.
 
     Returns:
         Path of the weights-only file (``kind="stcn"``).
@@ -357,12 +361,12 @@ def train_propagation(
     main = rank == 0
     try:
         return _train(cfg, resume=resume, out_dir=out_dir, progress=progress, cancel=cancel, dev=dev, rank=rank, world=world,
-                      main=main, cache=cache, data=data, t_start=t_start)
+                      main=main, cache=cache, data=data, t_start=t_start, on_step=on_step)
     finally:
         ddp_cleanup()
 
 
-def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start) -> Path:
+def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start, on_step) -> Path:
     from ..propagation.network import build_stcn
     from ..weights import save_weights
 
@@ -421,7 +425,10 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
     dataset = ClipDataset(data, clip_cfg, stage0_steps=s0, stage1_steps=s1, global_batch=batch * world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=StepSampler(start, total, batch, rank, world), num_workers=int(cfg["num_workers"]),
-        pin_memory=dev.type == "cuda", persistent_workers=False, drop_last=False)
+        pin_memory=dev.type == "cuda", persistent_workers=False, drop_last=False,
+        # own generator: creating the iterator must not consume the global torch RNG (resume
+        # would then diverge from an uninterrupted run); samples depend only on their index
+        generator=torch.Generator().manual_seed(int(cfg["seed"])))
 
     train_log = CSVLogger(out / "train_log.csv", TRAIN_FIELDS, resume_step=start) if main else None
     val_log = CSVLogger(out / "val_log.csv", VAL_FIELDS, resume_step=start) if main else None
@@ -511,11 +518,17 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
             sums = dict.fromkeys(sums, 0.0)
             n_sum = 0
             t_log = time.time()
+        synced = False
         if step % cfg["val_every"] == 0 or step == total:
             validate(step)
+            synced = True
         if step % cfg["ckpt_every"] == 0 or step == total:
             checkpoint(step)
-        barrier()
+            synced = True
+        if synced:
+            barrier()  # the other ranks wait while rank 0 validates / saves
+        if on_step is not None:
+            on_step(step, model, {k: v.detach() for k, v in losses.items()})
         report(progress, step, total, f"stage {int(step > s0)} loss {float(losses['loss'].detach()):.3f}")
 
     if start >= total:
@@ -534,14 +547,14 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
             "validation_mean_dice": last_val,
             "hardware": _hardware(dev, world),
             "wall_seconds_this_session": round(time.time() - t_start, 1),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
         wdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("weights_dtype", "float16")))
         if wdtype is None:
             raise InputError(f"Training option weights_dtype={cfg.get('weights_dtype')!r} is unknown; use float16, bfloat16 or float32.")
         state = {k: (v.to(wdtype) if v.is_floating_point() else v) for k, v in unwrap(model).state_dict().items()}
         meta["weights_dtype"] = str(cfg.get("weights_dtype", "float16"))
-        save_weights(weights, kind="stcn", config=unwrap(model).config, state_dict=state, meta=meta)
+        save_weights(weights, kind="stcn", config=unwrap(model).config, state_dict=state, meta=_jsonable(meta))
         log.info("weights written to %s", weights)
     barrier()
     return weights
