@@ -98,6 +98,7 @@ _TEXTURE_MM = 1.6       # correlation length of parenchymal texture
 _BLUR_MM = 0.55         # partial-volume / reconstruction blur (in-plane)
 _NOISE_HU = 13.0        # quantum noise standard deviation after the blur
 _COARSE_MM = 7.0        # cell size of the coarse fields (bowel loops, vessels)
+_CHUNK = 16             # slices per chunk in the intensity passes
 _MIN_PIECE_MM2 = 25.0    # organ fragments smaller than this (per slice) are removed
 _VERTEBRA_PERIOD = 0.14  # vertebral level (body + disc) as a fraction of the z range
 _DEFAULT_FOV_MM = 307.2  # in-plane field of view the anatomy below was tuned for
@@ -833,23 +834,23 @@ def make_phantom(
     tex = ndimage.gaussian_filter(tex, sig_tex, output=tex, mode="nearest")
     tex *= np.float32(1.0 / _gauss_noise_gain(sig_tex))
     hu = _HU_LUT[tissue]
-    hu += _TEX_LUT[tissue] * tex
+    for z0 in range(0, Z, _CHUNK):  # chunked to keep the peak memory low
+        c = slice(z0, z0 + _CHUNK)
+        hu[c] += _TEX_LUT[tissue[c]] * tex[c]
     del tex
     report(progress, Z + 1, total, "phantom: texture")
 
     # --- partial-volume blur with correlated quantum noise (added before the blur and
     # scaled so that its standard deviation after the blur is _NOISE_HU)
     check_cancel(cancel)
-    sig_pv = (0.35 * min(1.0, 1.0 / sz), _BLUR_MM / sy, _BLUR_MM / sx)
-    sig_pv = tuple(max(s, 0.5) if i else s for i, s in enumerate(sig_pv))
-    gain = _gauss_noise_gain(sig_pv)
-    noise = rng.standard_normal(shp, dtype=np.float32)
-    noise *= np.float32(_NOISE_HU / gain)
-    hu += noise
-    del noise
+    sig_pv = (0.35 / sz if sz < 1.0 else 0.0, max(_BLUR_MM / sy, 0.5), max(_BLUR_MM / sx, 0.5))
+    noise_scale = np.float32(_NOISE_HU / _gauss_noise_gain(sig_pv))
+    for z0 in range(0, Z, _CHUNK):
+        c = slice(z0, z0 + _CHUNK)
+        hu[c] += noise_scale * rng.standard_normal(hu[c].shape, dtype=np.float32)
     hu = ndimage.gaussian_filter(hu, sig_pv, output=hu, mode="nearest")
     np.clip(hu, -1024, 3071, out=hu)
-    ct = np.rint(hu).astype(np.int16)
+    ct = np.rint(hu, out=hu).astype(np.int16)
     del hu
     report(progress, total, total, "phantom: done")
 

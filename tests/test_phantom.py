@@ -237,8 +237,10 @@ def test_cli_sample_writes_readable_files(tmp_path):
 
     out = tmp_path / "sample"
     rc = main(["sample", "--out", str(out), "--shape", "24", "64", "64", "--spacing", "10", "4.8", "4.8",
-               "--seed", "3"])
+               "--seed", "3", "--preview"])
     assert rc == 0
+    png = out / "phantom_preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     ct = read_volume(out / "phantom_ct.nii.gz")
     lab = read_labels(out / "phantom_labels.nii.gz", ct)
     ref_ct, ref_lab = make_phantom((24, 64, 64), (10.0, 4.8, 4.8), 3)
