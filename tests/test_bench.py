@@ -131,7 +131,7 @@ def test_run_k_slice_classical_on_phantom(tmp_path):
     assert data["cases"][0]["runs"][0]["methods"]["interp"]["anchors_unchanged"] is True
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["md"].read_text()
-    assert "| 3 |" in md and "interp" in md and "skipped" in md
+    assert "| 3 |" in md and "interp" in md and "Skipped stcn" in md
 
 
 # --------------------------------------------------------------------------- loop
@@ -275,3 +275,18 @@ def test_real_cases_load_with_flare_ids(shared_data):
     c2 = load_real_case("totalseg_ct", shared_data)
     assert c2.image_hu.shape == c2.labels.shape and c2.spacing == (3.0, 3.0, 3.0)
     assert len(c2.label_names) >= 10
+
+
+def test_speed_and_metrics_speed_tiny(capsys):
+    pytest.importorskip("napari_propseg.propagation.engine")
+    from napari_propseg.cli import main
+
+    case = _phantom((20, 40, 40))
+    res = bp.run_speed(case.image_hu, case.labels, method="interp", k=3, threads=1, case=case.name)
+    assert res["anchors"] == bloop.start_slices(case.labels, 3)
+    assert res["anchors"][0] < res["repropagate_slice"] < res["anchors"][1]
+    assert res["propagate_seconds"] > 0 and res["repropagate_seconds"] > 0 and res["propagate_peak_rss_mb"] > 0
+    assert main(["bench", "metrics", "--shape", "16,32,32", "--labels", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["labels"] == 3 and 0.3 < out["mean_dice"] < 1.0 and out["seconds"] > 0
+    assert main(["bench", "speed", "--shape", "16,32,x"]) == 2

@@ -112,7 +112,11 @@ def _choose(policy: str, candidates: list[int], *, pred, gt, engine, confidence,
         order = np.lexsort((-wrong[cand], dice[cand]))  # worst Dice first, then most wrong voxels
         return int(cand[order[0]])
     if policy == "suggest":
-        z = engine.suggest_next(confidence, list(anchors))
+        try:
+            z = engine.suggest_next(confidence, list(anchors))
+        except InputError as exc:  # e.g. every slice is an anchor
+            log.info("no suggestion left: %s", exc)
+            return None
         if z is None:
             return None
         z = int(z)
@@ -208,10 +212,15 @@ def run_loop(
         "labels": labels_present, "curves": [],
     }
     hi_target = max(targets) if targets else 1.0
+    failed: dict[str, str] = {}
     for method in methods:
         for policy in policies:
             check_cancel(cancel)
             entry: dict[str, Any] = {"method": method, "policy": policy}
+            if method in failed:
+                entry["skipped"] = failed[method]
+                out["curves"].append(entry)
+                continue
             try:
                 t0 = time.perf_counter()
                 engine = factory(method)
@@ -219,6 +228,7 @@ def run_loop(
             except (InputError, ImportError) as exc:
                 reason = str(exc) if isinstance(exc, InputError) else f"not available ({exc})"
                 log.warning("loop %s: method %s skipped: %s", case, method, reason)
+                failed[method] = reason
                 entry["skipped"] = reason
                 out["curves"].append(entry)
                 continue
@@ -290,9 +300,11 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
         lines += [f"## {res['case']}  (shape {tuple(res['shape'])}; start: {res['start']})", ""]
         head = "| method | policy | start Dice | " + " | ".join(f"slices to {t} | s to {t}" for t in targets) + " | final Dice (slices) | s/round |"
         lines += [head, "|" + "---|" * (5 + 2 * len(targets))]
+        skipped: dict[str, str] = {}
         for c in res["curves"]:
             if "skipped" in c:
-                lines.append(f"| {c['method']} | {c['policy']} | skipped: {c['skipped']} |" + " |" * (2 + 2 * len(targets)))
+                key = c["method"] if skipped.get(c["method"], c["skipped"]) == c["skipped"] else f"{c['method']} ({c['policy']})"
+                skipped[key] = c["skipped"]
                 continue
             cells = []
             for t in targets:
@@ -302,6 +314,10 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
             lines.append(f"| {c['method']} | {c['policy']} | {c['rounds'][0]['mean_dice']:.3f} | " + " | ".join(cells)
                          + f" | {c['final_dice']:.3f} ({c['rounds'][-1]['corrected']}) | {'-' if math.isnan(mr) else f'{mr:.2f}'} |")
         lines.append("")
+        for m, why in skipped.items():
+            lines += [f"Skipped {m}: {why}", ""]
+        lines += ["Slices = corrected slices after the start; s = cumulative tool seconds (initial propagation "
+                  "included); s/round = mean seconds of one suggestion + re-propagation.", ""]
     return "\n".join(lines)
 
 
@@ -312,7 +328,7 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    styles = {"suggest": "-", "oracle": "--", "random": ":"}
+    styles = {"suggest": ("-", "o"), "oracle": ("--", "s"), "random": (":", "^")}
     colours: dict[str, str] = {}
     palette = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
     n = max(1, len(results))
@@ -325,7 +341,8 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
             col = colours.setdefault(c["method"], palette[len(colours) % len(palette)])
             xs = [r["corrected"] for r in c["rounds"]]
             ys = [r["mean_dice"] for r in c["rounds"]]
-            ax.plot(xs, ys, styles.get(c["policy"], "-"), color=col, marker=".", label=f"{c['method']} / {c['policy']}")
+            ls, mk = styles.get(c["policy"], ("-", "."))
+            ax.plot(xs, ys, linestyle=ls, marker=mk, markersize=3, color=col, label=f"{c['method']} / {c['policy']}")
         for t in res["targets"]:
             ax.axhline(t, color="grey", lw=0.6, alpha=0.6)
         ax.set_xlabel("corrected slices")
