@@ -1,0 +1,272 @@
+"""PropagationEngine mechanics with a random-init STCN (no training here): anchors as hard
+constraints, re-propagation range, bounded memory, key cache, cancel, locked labels,
+outward stop, fusion weights, the no-weights message."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_propseg.errors import CancelledError, InputError
+from napari_propseg.propagation import engine as engine_mod
+from napari_propseg.propagation.engine import PropagationEngine, affected_segments, all_segments
+from napari_propseg.propagation.memory import MemoryBank
+from napari_propseg.propagation.network import CPU_CONFIG, aggregate, build_stcn
+from napari_propseg.weights import save_weights
+
+RES = 32  # working resolution of the tiny test network
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Tiny tensors: one torch thread is faster than two on a shared CI machine."""
+    monkeypatch.setenv("PROPSEG_THREADS", "1")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_stcn(dict(CPU_CONFIG, resolution=RES))
+    return str(save_weights(tmp_path_factory.mktemp("w") / "stcn.pt", "stcn", net.config, net.state_dict(), {"note": "random init, tests only"}))
+
+
+def _case(depth=12, shape=(24, 20), anchors=(2, 6, 10), seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(40, 200, (depth,) + shape).astype(np.float32)
+    lab = np.zeros(vol.shape, np.uint8)
+    for i, a in enumerate(anchors):
+        lab[a, 4 : 12 + i, 3:10] = 1
+        lab[a, 14:20, 8 : 14 + i] = 2
+    lab[anchors[-1], 1:3, 1:3] = 3  # a label only on the last anchor
+    return vol, lab, list(anchors)
+
+
+def _engine(vol, weights, **kw):
+    return PropagationEngine(vol, weights=weights, device="cpu", **kw)
+
+
+def test_no_weights_says_so_and_offers_interp(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
+    vol, _, _ = _case()
+    with pytest.raises(InputError, match=r"No trained propagation weights.*--method interp"):
+        PropagationEngine(vol)
+    PropagationEngine(vol, method="interp")  # the fallback needs none
+    with pytest.raises(InputError, match="does not exist"):
+        PropagationEngine(vol, weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(InputError, match="Unknown propagation method"):
+        PropagationEngine(vol, method="magic")
+
+
+@pytest.mark.parametrize("method", ["stcn", "interp"])
+def test_anchors_bit_identical_and_every_slice_computed(weights, method):
+    vol, lab, anchors = _case()
+    lab[5, 0:4, 0:4] = 2  # stale content on a non-anchor slice is replaced
+    eng = _engine(vol, weights, method=method)
+    res = eng.propagate(lab, anchors)
+    assert res.labels.dtype == lab.dtype and res.labels.shape == lab.shape
+    for a in anchors:
+        assert np.array_equal(res.labels[a], lab[a])
+        assert res.confidence[a] == 1.0
+    assert res.computed == [z for z in range(12) if z not in anchors]
+    assert res.confidence.shape == (12,) and ((res.confidence >= 0) & (res.confidence <= 1)).all()
+    assert set(np.unique(res.labels)) <= {0, 1, 2, 3}
+    assert res.seconds > 0
+
+
+def test_bad_input(weights):
+    vol, lab, _ = _case()
+    eng = _engine(vol, weights)
+    with pytest.raises(InputError, match="No anchor"):
+        eng.propagate(lab, [])
+    with pytest.raises(InputError, match="outside the volume"):
+        eng.propagate(lab, [3, 12])
+    with pytest.raises(InputError, match="differs from the CT"):
+        eng.propagate(lab[:, :10], [3])
+
+
+def test_segments():
+    assert [(s.kind, s.slices) for s in all_segments([2, 5, 6], 8)] == [("below", [0, 1]), ("between", [3, 4]), ("above", [7])]
+    segs = affected_segments([2, 5, 9], [5], 12)
+    assert sorted(z for s in segs for z in s.slices) == [3, 4, 6, 7, 8]
+    segs = affected_segments([2, 5, 9], [9], 12)
+    assert sorted(z for s in segs for z in s.slices) == [6, 7, 8, 10, 11]
+    segs = affected_segments([2, 9], [5], 12)  # an anchor removed at 5
+    assert sorted(z for s in segs for z in s.slices) == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("method", ["stcn", "interp"])
+def test_repropagate_touches_only_the_affected_range(weights, method):
+    vol, lab, _ = _case(depth=16, anchors=(2, 8, 13))
+    eng = _engine(vol, weights, method=method)
+    first = eng.propagate(lab, [2, 8, 13])
+    edited = first.labels.copy()
+    edited[first.labels == 0] = 0
+    # mark every slice with a sentinel the engine must leave alone outside the range
+    sentinel = 7
+    edited[:, 0, 0] = sentinel
+    edited[5] = 0
+    edited[5, 6:12, 4:12] = 2  # the user corrects slice 5: it becomes an anchor
+    anchors = [2, 5, 8, 13]
+    res = eng.repropagate(edited, anchors, changed=[5])
+    assert res.computed == [3, 4, 6, 7]
+    changed = [z for z in range(16) if not np.array_equal(res.labels[z], edited[z])]
+    assert set(changed) <= {3, 4, 6, 7} and changed  # the sentinel pixel at least is recomputed there
+    for z in range(16):
+        if z not in res.computed:
+            assert np.array_equal(res.labels[z], edited[z])
+    # the recomputed range equals what a full propagation with the same anchors gives
+    full = eng.propagate(edited, anchors)
+    for z in res.computed:
+        assert np.array_equal(res.labels[z], full.labels[z])
+    # a changed outermost anchor re-runs the outward part too
+    res2 = eng.repropagate(edited, anchors, changed=[13])
+    assert res2.computed == [9, 10, 11, 12, 14, 15]
+
+
+def test_memory_bank_bounded():
+    bank = MemoryBank(cap=4, every=1)
+    bank.add(0, torch.zeros(8, 2, 2), torch.zeros(2, 4, 2, 2), anchor=True)
+    for z in range(1, 200):
+        bank.add(z, torch.zeros(8, 2, 2), torch.zeros(2, 4, 2, 2))
+        assert len(bank) <= 4
+    assert bank.slices == [0, 197, 198, 199]  # anchor kept, oldest others evicted
+    mk, mv = bank.tensors()
+    assert mk.shape == (1, 8, 4, 2, 2) and mv.shape == (1, 2, 4, 4, 2, 2)
+    assert [s for s in range(1, 12) if MemoryBank(cap=4, every=5).wants(s)] == [5, 10]
+    full = MemoryBank(cap=1)
+    full.add(0, torch.zeros(8, 2, 2), torch.zeros(1, 4, 2, 2), anchor=True)
+    with pytest.raises(ValueError, match="full of anchors"):
+        full.add(1, torch.zeros(8, 2, 2), torch.zeros(1, 4, 2, 2), anchor=True)
+
+
+def test_memory_stays_flat_as_the_volume_grows(weights):
+    """The memory read by each query never exceeds the cap, whatever the volume length."""
+    sizes = {}
+    for depth in (10, 30):
+        vol, lab, _ = _case(depth=depth, shape=(16, 16), anchors=(0, depth - 1))
+        eng = _engine(vol, weights, memory_every=2, memory_cap=3)
+        seen = []
+        real = eng.model.segment
+
+        def spy(qk, f16, f8, f4, mk, mv, **kw):
+            seen.append(mk.shape[2])
+            return real(qk, f16, f8, f4, mk, mv, **kw)
+
+        eng.model.segment = spy
+        eng.propagate(lab, [0, depth - 1])
+        assert len(seen) == 2 * (depth - 2)
+        sizes[depth] = (max(seen), eng.stats["memory_peak"])
+    assert sizes[10] == sizes[30] == (3, 3)
+
+
+def test_keys_encoded_once_and_cached(weights):
+    vol, lab, anchors = _case()
+    eng = _engine(vol, weights)
+    calls = []
+    real = eng.model.encode_key
+    eng.model.encode_key = lambda x: calls.append(1) or real(x)
+    r1 = eng.propagate(lab, anchors)
+    n1 = len(calls)
+    assert n1 <= vol.shape[0] and n1 == eng.stats["keys_encoded"]
+    r2 = eng.propagate(lab, anchors)
+    assert len(calls) == n1  # nothing re-encoded
+    assert np.array_equal(r1.labels, r2.labels)
+    eng.repropagate(r2.labels, anchors, changed=[6])
+    assert len(calls) == n1
+
+
+def test_progress_and_cancel(weights):
+    vol, lab, anchors = _case()
+    eng = _engine(vol, weights)
+    steps = []
+    eng.propagate(lab, anchors, progress=lambda s, t, m: steps.append((s, t)))
+    total = steps[-1][1]
+    # between-anchor slices are visited by two passes, outer ones by one (or stop early)
+    assert [s for s, _ in steps] == list(range(1, total + 1))
+    assert total == 2 * 6 + 2 + 1
+    n = [0]
+
+    def cancel():
+        n[0] += 1
+        return n[0] > 3
+
+    with pytest.raises(CancelledError):
+        eng.propagate(lab, anchors, cancel=cancel)
+    assert n[0] == 4
+
+
+@pytest.mark.parametrize("method", ["stcn", "interp"])
+def test_locked_labels_never_change(weights, method):
+    vol, lab, anchors = _case()
+    lab[:, 8:16, 2:12] = np.where(lab[:, 8:16, 2:12] == 0, 5, lab[:, 8:16, 2:12])  # label 5 on every slice
+    lab[4, 0:2, :] = 5
+    eng = _engine(vol, weights, method=method)
+    res = eng.propagate(lab, anchors, locked_labels=[5])
+    assert np.array_equal(res.labels == 5, lab == 5)
+    free = eng.propagate(lab, anchors)  # not locked: label 5 is propagated like the others
+    assert not np.array_equal(free.labels == 5, lab == 5)
+
+
+def test_outward_propagation_stops_when_labels_vanish(weights):
+    vol, lab, _ = _case(depth=20, anchors=(2, 6))
+    eng = _engine(vol, weights, stop_patience=3)
+    calls = []
+    real = eng.model.segment
+
+    def vanishing(qk, f16, f8, f4, mk, mv, **kw):
+        calls.append(1)
+        out = real(qk, f16, f8, f4, mk, mv, **kw)
+        return aggregate(torch.zeros(out.shape[0], out.shape[1] - 1, *out.shape[2:]))  # every object gone
+
+    eng.model.segment = vanishing
+    res = eng.propagate(lab, [2, 6])
+    # below: 2 slices (< patience), between: 2 * 3, above: exactly `patience` slices then nothing
+    assert len(calls) == 2 + 6 + 3
+    assert not res.labels[7:].any()
+
+
+def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
+    vol, lab, _ = _case(depth=12)
+    lab[:] = 0
+    lab[1, 2:20, 2:18] = 1
+    lab[10, 2:20, 2:18] = 2
+    eng = _engine(vol, weights)
+
+    def fake_pass(start, start_masks, targets, *, stop, tick, cancel):
+        k = start_masks.shape[1]
+        out = {}
+        for z in targets:
+            p = torch.zeros(k + 1, RES, RES)
+            p[1 if start == 1 or k == 1 else 2] = 1.0  # the lower pass says label 1, the upper label 2
+            out[z] = p
+            tick(z)
+        return out
+
+    monkeypatch.setattr(eng, "_pass", fake_pass)
+    res = eng.propagate(lab, [1, 10])
+    assert all((res.labels[z] == 1).all() for z in (2, 3, 4, 5))
+    assert all((res.labels[z] == 2).all() for z in (6, 7, 8, 9))
+    assert (res.confidence[2:10] == 0).all()  # the two passes disagree everywhere
+
+
+def test_suggest_next_skips_anchors(weights):
+    eng = PropagationEngine(np.zeros((6, 8, 8), np.float32), method="interp")
+    conf = np.array([0.0, 0.9, 0.2, 1.0, 0.4, np.nan], np.float32)
+    assert eng.suggest_next(conf, [0, 3]) == 2
+    assert eng.suggest_next(conf, [0, 2, 3]) == 4
+    with pytest.raises(InputError, match="already an anchor"):
+        eng.suggest_next(conf, range(6))
+
+
+def test_interp_confidence_points_at_the_gap_middle():
+    vol, lab, _ = _case(depth=12, anchors=(1, 10))
+    lab[:] = 0
+    lab[1, 2:6, 2:6] = 1
+    lab[10, 12:22, 8:18] = 1
+    eng = PropagationEngine(vol, method="interp")
+    res = eng.propagate(lab, [1, 10])
+    assert eng.suggest_next(res.confidence, [1, 10]) in (5, 6)
+    assert engine_mod.UNKNOWN_CONFIDENCE == res.confidence[0]  # below the anchors: label may continue
