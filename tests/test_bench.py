@@ -206,6 +206,7 @@ def test_loop_with_transparent_engine(tmp_path):
     assert curves["oracle"]["rounds"][1]["slice"] == max(worst, key=lambda s: wrong[s])  # ties: most wrong voxels
     assert d0["mean_dice"] < 0.95
     assert curves["oracle"]["reached"]["0.95"]["corrected"] <= curves["random"]["reached"]["0.95"]["corrected"]
+    assert curves["oracle"]["mean_choice_rank"] < 0.1 < curves["random"]["mean_choice_rank"]
     # each round re-propagates exactly the corrected slice
     assert all(len(ch) == 1 for e in engines for ch in e.changed)
     paths = bloop.write_loop_report([res], tmp_path, machine="test")
@@ -213,6 +214,19 @@ def test_loop_with_transparent_engine(tmp_path):
     assert data["cases"][0]["curves"][0]["rounds"][0]["corrected"] == 0
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert "slices to 0.95" in paths["md"].read_text()
+
+
+def test_choice_rank_hand_case():
+    gt = np.zeros((5, 4, 4), np.uint8)
+    gt[:, 1:3, 1:3] = 1
+    pred = gt.copy()
+    pred[1] = 0           # slice 1: Dice 0
+    pred[2, 1, 1] = 0     # slice 2: Dice 6/7
+    # slices 0, 3, 4 perfect
+    assert bloop.choice_rank(pred, gt, 1, [0, 1, 2, 3, 4]) == 0.0
+    assert bloop.choice_rank(pred, gt, 2, [0, 1, 2, 3, 4]) == pytest.approx(1 / 4)
+    assert bloop.choice_rank(pred, gt, 3, [0, 1, 2, 3, 4]) == pytest.approx((2 + 0.5 * 2) / 4)
+    assert math.isnan(bloop.choice_rank(pred, gt, 3, [3]))
 
 
 def test_loop_from_initial_prediction_and_bad_input():

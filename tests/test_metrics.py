@@ -226,3 +226,19 @@ def test_cli_evaluate_folders_other_grid_and_errors(tmp_path):
     assert main(["evaluate", str(tmp_path / "pred" / "c1.nii.gz"), str(tmp_path / "gt"), "--out", str(out)]) == 2
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--tolerance", "-1", "--out", str(out)]) == 2
     assert main(["evaluate", str(tmp_path / "nowhere"), str(tmp_path / "gt"), "--out", str(out)]) == 2
+
+
+def test_cli_evaluate_shared_flipped_labels_match_on_ct_grid(shared_data, tmp_path):
+    """The LAS-flipped TotalSegmentator file and its copy on the CT grid are the same
+    labels: every organ must score perfectly (geometry handled by io.read_labels)."""
+    from napari_propseg.cli import main
+
+    d = shared_data / "totalseg_example"
+    out = tmp_path / "r.csv"
+    assert main(["evaluate", str(d / "example_seg_dicom.nii.gz"), str(d / "example_seg_dicom_on_ct_grid.nii.gz"),
+                 "--labels", str(d / "labels.json"), "--labels-key", "v2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    organs = [r for r in rows if r["label"] != "mean"]
+    assert len(organs) >= 20
+    assert {r["name"] for r in organs} >= {"liver", "spleen", "aorta"}
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95"]) == 0.0 for r in organs)

@@ -101,6 +101,22 @@ def slice_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return dice, wrong
 
 
+def choice_rank(pred: np.ndarray, gt: np.ndarray, z: int, candidates: Sequence[int]) -> float:
+    """How bad the chosen slice was among the candidates, before its correction: the
+    fraction of the other candidates with a strictly lower slice Dice (ties count half).
+
+    0.0 = the worst slice (what the oracle picks), about 0.5 = no better than chance,
+    1.0 = the best slice. NaN with a single candidate. Used to judge the tool's
+    suggestions against the ground truth (the suggestion itself never sees it).
+    """
+    others = [c for c in candidates if c != z]
+    if not others:
+        return math.nan
+    dice, _ = slice_scores(pred[[z] + others], gt[[z] + others])
+    d_z, d_o = dice[0], dice[1:]
+    return float((np.count_nonzero(d_o < d_z) + 0.5 * np.count_nonzero(d_o == d_z)) / len(others))
+
+
 def _choose(policy: str, candidates: list[int], *, pred, gt, engine, confidence, anchors, rng) -> int | None:
     if not candidates:
         return None
@@ -258,6 +274,7 @@ def run_loop(
                     t_choose = time.perf_counter() - t0 if policy == "suggest" else 0.0
                     if zc is None:
                         break
+                    rank = choice_rank(pred, gt, zc, candidates)
                     labels = pred.copy()
                     labels[zc] = gt[zc]
                     corrected.add(zc)
@@ -269,7 +286,8 @@ def run_loop(
                     pred = _as_label_array(res)
                     conf = getattr(res, "confidence", None)
                     ok = ok and bool(np.array_equal(pred[anchors], labels[anchors]))
-                    rounds.append({"corrected": r, "slice": zc, "mean_dice": volume_mean_dice(pred, gt, labels_present), "seconds": secs})
+                    rounds.append({"corrected": r, "slice": zc, "mean_dice": volume_mean_dice(pred, gt, labels_present),
+                                   "seconds": secs, "choice_rank": rank})
                     report(progress, r, cap, f"{case} {method}/{policy}: round {r}, mean Dice {rounds[-1]['mean_dice']:.3f}")
             if not ok:
                 log.error("loop %s: %s/%s changed an anchor slice", case, method, policy)
@@ -278,7 +296,9 @@ def run_loop(
             for t in targets:
                 hit = next((i for i, x in enumerate(rounds) if x["mean_dice"] >= t), None)
                 reached[f"{t:.2f}"] = None if hit is None else {"corrected": rounds[hit]["corrected"], "seconds": float(cum[hit])}
+            ranks = [x["choice_rank"] for x in rounds[1:] if not math.isnan(x["choice_rank"])]
             entry.update(rounds=rounds, reached=reached, anchors_unchanged=ok, peak_mb=mem.peak_mb,
+                         mean_choice_rank=float(np.mean(ranks)) if ranks else math.nan,
                          final_dice=rounds[-1]["mean_dice"], total_seconds=float(cum[-1]),
                          mean_round_seconds=float(np.mean([x["seconds"] for x in rounds[1:]])) if len(rounds) > 1 else math.nan)
             log.info("loop %s %s/%s: %d rounds, Dice %.3f -> %.3f", case, method, policy, len(rounds) - 1,
@@ -298,8 +318,9 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
     for res in results:
         targets = [f"{t:.2f}" for t in res["targets"]]
         lines += [f"## {res['case']}  (shape {tuple(res['shape'])}; start: {res['start']})", ""]
-        head = "| method | policy | start Dice | " + " | ".join(f"slices to {t} | s to {t}" for t in targets) + " | final Dice (slices) | s/round |"
-        lines += [head, "|" + "---|" * (5 + 2 * len(targets))]
+        head = ("| method | policy | start Dice | " + " | ".join(f"slices to {t} | s to {t}" for t in targets)
+                + " | final Dice (slices) | s/round | choice rank |")
+        lines += [head, "|" + "---|" * (6 + 2 * len(targets))]
         skipped: dict[str, str] = {}
         for c in res["curves"]:
             if "skipped" in c:
@@ -311,13 +332,17 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
                 r = c["reached"].get(t)
                 cells += ["not reached", "-"] if r is None else [str(r["corrected"]), f"{r['seconds']:.1f}"]
             mr = c["mean_round_seconds"]
+            cr = c.get("mean_choice_rank", math.nan)
             lines.append(f"| {c['method']} | {c['policy']} | {c['rounds'][0]['mean_dice']:.3f} | " + " | ".join(cells)
-                         + f" | {c['final_dice']:.3f} ({c['rounds'][-1]['corrected']}) | {'-' if math.isnan(mr) else f'{mr:.2f}'} |")
+                         + f" | {c['final_dice']:.3f} ({c['rounds'][-1]['corrected']}) | {'-' if math.isnan(mr) else f'{mr:.2f}'} | "
+                         + ("-" if math.isnan(cr) else f"{cr:.2f}") + " |")
         lines.append("")
         for m, why in skipped.items():
             lines += [f"Skipped {m}: {why}", ""]
         lines += ["Slices = corrected slices after the start; s = cumulative tool seconds (initial propagation "
-                  "included); s/round = mean seconds of one suggestion + re-propagation.", ""]
+                  "included); s/round = mean seconds of one suggestion + re-propagation; choice rank = mean fraction "
+                  "of the other candidate slices that were worse than the corrected one (0 = always the worst slice, "
+                  "as the oracle; about 0.5 = chance).", ""]
     return "\n".join(lines)
 
 
