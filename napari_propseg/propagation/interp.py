@@ -67,16 +67,17 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
 def _bracket_sdf(ma: np.ndarray, mb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance maps of one label on two anchors; an empty side shrinks to nothing.
 
-    The empty side gets ``depth + 1`` everywhere (depth = deepest inside distance of the
-    other side), so the blend turns positive exactly at that anchor.
+    The empty side gets the other side's map shifted up by ``depth + 1`` (depth = deepest
+    inside distance), so the blend ``d + w * (depth + 1)`` erodes the shape at a constant
+    rate and it vanishes exactly at the empty anchor.
     """
     if ma.any() and mb.any():
         return signed_distance(ma), signed_distance(mb)
     if ma.any():
         da = signed_distance(ma)
-        return da, np.full_like(da, float(-da.min()) + 1.0)
+        return da, da + (float(-da.min()) + 1.0)
     db = signed_distance(mb)
-    return np.full_like(db, float(-db.min()) + 1.0), db
+    return db + (float(-db.min()) + 1.0), db
 
 
 def sdf_interpolate_with_confidence(
