@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -267,6 +267,38 @@ def changed_slices(before: np.ndarray, after: np.ndarray) -> list[int]:
     return [int(z) for z in np.flatnonzero(diff.any(axis=1))]
 
 
+def slices_from_paint_atoms(atoms: Iterable[Any], axis: int = 0) -> list[int]:
+    """Slice indices touched by a napari Labels ``paint`` event's history atoms.
+
+    Pure function over napari's two atom kinds (no napari import): a tuple
+    ``(indices, old_values, new_values)`` whose ``indices`` is a tuple of index arrays,
+    or an object with ``slice_key`` (a tuple of slices, the edit's bounding box).
+
+    Args:
+        atoms: the event's ``value`` (a list of atoms).
+        axis: the slice axis of the data (0 for (Z, Y, X)).
+
+    Returns:
+        Ascending unique slice indices.
+    """
+    zs: set[int] = set()
+    for atom in atoms or ():
+        key = getattr(atom, "slice_key", None)
+        if key is not None:
+            sl = key[axis]
+            if isinstance(sl, slice):
+                zs.update(range(sl.start or 0, sl.stop if sl.stop is not None else (sl.start or 0) + 1))
+            else:
+                zs.update(int(v) for v in np.atleast_1d(sl))
+            continue
+        try:
+            indices = atom[0]
+            zs.update(int(v) for v in np.unique(np.asarray(indices[axis])))
+        except (TypeError, IndexError, ValueError):
+            log.debug("unrecognised paint atom %r", type(atom))
+    return sorted(zs)
+
+
 # --------------------------------------------------------------------------- undo
 
 
@@ -278,13 +310,11 @@ class UndoStep:
         description: what the operation was ("propagate (stcn)", ...).
         zs: (n,) changed slice indices.
         before: (n, Y, X) those slices before the operation.
-        anchors: the anchor list before the operation.
     """
 
     description: str
     zs: np.ndarray
     before: np.ndarray
-    anchors: list = field(default_factory=list)
 
 
 class UndoStack:
@@ -478,7 +508,7 @@ class Session:
         changed = changed_slices(self.labels, new)
         if changed:
             idx = np.asarray(changed, dtype=np.int64)
-            self.undo_stack.push(UndoStep(description, idx, self.labels[idx].copy(), self.anchors.to_list()))
+            self.undo_stack.push(UndoStep(description, idx, self.labels[idx].copy()))
             self.labels[idx] = new[idx]
             self.dirty = True
         if confidence is not None:
@@ -488,6 +518,9 @@ class Session:
     def undo(self) -> list[int]:
         """Undo the last propagation: its changed slices get their previous labels back.
 
+        Anchors are untouched (a propagation never changes them, and anchors painted
+        since stay anchors).
+
         Returns:
             The slices restored (empty if there was nothing to undo).
         """
@@ -495,13 +528,23 @@ class Session:
         if step is None:
             return []
         self.labels[step.zs] = step.before
-        self.anchors = AnchorBook.from_list(self.labels.shape[0], step.anchors)
         self.dirty = True
         return [int(z) for z in step.zs]
 
     def check_next(self) -> int | None:
         """The non-anchor slice most worth checking: lowest confidence, else farthest
         from every anchor among slices holding labels. None when there is nothing."""
+        if self.confidence is not None:
+            try:
+                from .propagation.engine import suggest_next
+            except ImportError:
+                suggest_next = None
+            if suggest_next is not None:
+                try:
+                    z = suggest_next(self.confidence, self.anchors.zs)
+                    return None if z is None else int(z)
+                except (TypeError, ValueError):
+                    log.debug("engine suggest_next failed; using the session's own choice", exc_info=True)
         z_all = np.arange(self.labels.shape[0])
         free = np.ones(len(z_all), bool)
         free[self.anchors.zs] = False
@@ -620,7 +663,7 @@ def find_session(geometry: dict, folder: str | os.PathLike | None = None) -> Pat
 def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
                     device: str = "auto", changed: Sequence[int] | None = None,
                     progress: ProgressFn = None, cancel: CancelFn = None,
-                    engine_factory: Callable[..., Any] | None = None) -> Any:
+                    engine: Any = None, engine_factory: Callable[..., Any] | None = None) -> Any:
     """Run the propagation engine (blocking; the widget calls it in a worker thread).
 
     Args:
@@ -633,6 +676,8 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
             ranges between their neighbouring anchors are recomputed (``repropagate``).
         progress: ``(step, total, message)`` callback, once per slice.
         cancel: returns True to stop within one slice (CancelledError).
+        engine: an engine built earlier for this volume/method/device (re-propagation
+            reuses it and its cached slice features); built when None.
         engine_factory: for tests; defaults to
             :class:`napari_propseg.propagation.engine.PropagationEngine`.
 
@@ -640,6 +685,16 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
         The engine's ``PropagationResult`` (``labels``, ``confidence``, ``computed``,
         ``seconds``).
     """
+    if engine is None:
+        engine = make_engine(volume_hu, method=method, device=device, engine_factory=engine_factory)
+    if changed:
+        return engine.repropagate(labels, anchors, list(changed), progress=progress, cancel=cancel)
+    return engine.propagate(labels, anchors, progress=progress, cancel=cancel)
+
+
+def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "auto",
+                engine_factory: Callable[..., Any] | None = None) -> Any:
+    """Build the propagation engine for one volume (see :func:`run_propagation`)."""
     if engine_factory is None:
         try:
             from .propagation.engine import PropagationEngine as engine_factory  # noqa: N813
@@ -647,10 +702,7 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
             raise InputError(
                 "The propagation engine is not available in this installation; reinstall napari-propseg."
             ) from exc
-    engine = engine_factory(volume_hu, method=method, device=device)
-    if changed:
-        return engine.repropagate(labels, anchors, list(changed), progress=progress, cancel=cancel)
-    return engine.propagate(labels, anchors, progress=progress, cancel=cancel)
+    return engine_factory(volume_hu, method=method, device=device)
 
 
 # --------------------------------------------------------------------------- files
