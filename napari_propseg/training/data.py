@@ -26,11 +26,12 @@ override it), else against the config file's folder. ``label_names``:
 
 Preprocessing (:func:`preprocess_volume`): the CT is cropped to the body's bounding box
 (HU > -500 in at least 10 % of the slices, largest component, 4 % margin, made square in
-millimetres, padded with air if needed), windowed into 3 channels
-(:func:`napari_propseg.preprocess.window_ct`) and every axial slice is resized to
-``resolution`` x ``resolution``; images are kept as float16 (Z, 3, R, R), labels as
-uint8 (Z, R, R) FLARE ids. :func:`save_cache` / :func:`load_cache` store that as one
-``.npz`` so that training elsewhere needs neither SimpleITK nor the original files.
+millimetres, padded with air if needed), every axial slice is resized to
+``resolution`` x ``resolution`` (bilinear on HU, rounded to int16), then windowed into 3
+channels; images are kept in memory as float16 (Z, 3, R, R), labels as uint8 (Z, R, R)
+FLARE ids. :func:`save_cache` / :func:`load_cache` store the int16 HU and labels as one
+compressed ``.npz`` (a third of the windowed size) so that training elsewhere needs
+neither SimpleITK nor the original files nor the phantom generator.
 
 Datasets: :class:`ClipDataset` draws sample ``i`` from a numpy Generator seeded with
 ``(seed, i)``, so any worker count, any rank and any resume point gives the same samples.
@@ -81,6 +82,8 @@ class CaseData:
         labels: (Z, R, R) uint8 FLARE ids.
         spacing: (sz, sy, sx) mm of the resized grid.
         kind: ``"real"`` or ``"phantom"``.
+        hu: (Z, R, R) int16 HU after cropping and resizing (what the cache stores;
+            ``image`` is its windowing), or None.
     """
 
     name: str
@@ -88,6 +91,7 @@ class CaseData:
     labels: np.ndarray
     spacing: tuple[float, float, float]
     kind: str = "real"
+    hu: np.ndarray | None = None
 
     @property
     def depth(self) -> int:
@@ -172,13 +176,22 @@ def preprocess_volume(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     hu_c = _crop_pad(np.asarray(hu), box, -1000)
     lab_c = _crop_pad(np.asarray(labels), box, 0)
     z = hu.shape[0]
-    img = np.empty((z, 3, resolution, resolution), dtype=np.float16)
+    hu_r = np.empty((z, resolution, resolution), dtype=np.int16)
     for s in range(0, z, 16):  # chunks keep the float32 intermediate small
-        img[s:s + 16] = resize_slices(window_ct(hu_c[s:s + 16].astype(np.float32)), (resolution, resolution)).astype(np.float16)
+        res = resize_slices(hu_c[s:s + 16].astype(np.float32), (resolution, resolution))
+        hu_r[s:s + 16] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
     lab = resize_slices(lab_c.astype(np.uint8), (resolution, resolution), mode="nearest").astype(np.uint8)
     sy = spacing[1] * hu_c.shape[1] / resolution
     sx = spacing[2] * hu_c.shape[2] / resolution
-    return CaseData(name=name, image=img, labels=lab, spacing=(float(spacing[0]), float(sy), float(sx)), kind=kind)
+    return CaseData(name=name, image=window_slices(hu_r), labels=lab, spacing=(float(spacing[0]), float(sy), float(sx)), kind=kind, hu=hu_r)
+
+
+def window_slices(hu: np.ndarray) -> np.ndarray:
+    """(Z, R, R) HU -> (Z, 3, R, R) float16 network input (:func:`window_ct`), in chunks."""
+    out = np.empty((hu.shape[0], 3) + hu.shape[1:], dtype=np.float16)
+    for s in range(0, hu.shape[0], 32):
+        out[s:s + 32] = window_ct(hu[s:s + 32].astype(np.float32)).astype(np.float16)
+    return out
 
 
 # --------------------------------------------------------------------------- config
@@ -315,7 +328,9 @@ def save_cache(data: TrainingData, path: str | os.PathLike) -> Path:
     for set_name in ("cases", "phantoms", "validation"):
         entries = []
         for i, c in enumerate(getattr(data, set_name)):
-            arrays[f"{set_name}_{i}_image"] = c.image
+            if c.hu is None:
+                raise ValueError(f"case {c.name} has no HU array to cache; build it with preprocess_volume")
+            arrays[f"{set_name}_{i}_hu"] = c.hu
             arrays[f"{set_name}_{i}_labels"] = c.labels
             entries.append({"name": c.name, "spacing": list(c.spacing), "kind": c.kind})
         meta["sets"][set_name] = entries
@@ -348,7 +363,8 @@ def load_cache(path: str | os.PathLike, *, resolution: int | None = None) -> Tra
     data = TrainingData(resolution=int(meta["resolution"]), phantom_ratio=float(meta["phantom_ratio"]))
     for set_name, entries in meta["sets"].items():
         getattr(data, set_name).extend(
-            CaseData(name=e["name"], image=z[f"{set_name}_{i}_image"], labels=z[f"{set_name}_{i}_labels"], spacing=tuple(e["spacing"]), kind=e["kind"])
+            CaseData(name=e["name"], image=window_slices(z[f"{set_name}_{i}_hu"]), labels=z[f"{set_name}_{i}_labels"],
+                     spacing=tuple(e["spacing"]), kind=e["kind"], hu=z[f"{set_name}_{i}_hu"])
             for i, e in enumerate(entries)
         )
     log.info("training cache %s: %s", path, data.summary())
