@@ -77,7 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _common(pl, cases_default="real,phantom")
     pl.add_argument("--methods", default=",".join(LOOP_METHODS), help=f"engine methods (default {','.join(LOOP_METHODS)})")
     pl.add_argument("--policies", default=",".join(POLICIES), help=f"clinician policies (default {','.join(POLICIES)})")
-    pl.add_argument("--k", type=int, default=3, help="ground-truth start slices (default 3)")
+    pl.add_argument("--k", type=int, default=3, help="start slices (default 3)")
+    pl.add_argument("--start", choices=("gt", "reference"), default="gt",
+                    help="gt: k ground-truth slices (propagation alone); reference: the reference module's prediction "
+                    "on its own k sampled slices (needs reference weights)")
+    pl.add_argument("--reference-weights", nargs="+", default=None, metavar="PATH",
+                    help="reference network weight files for --start reference (default: models/reference/*.pt)")
     pl.add_argument("--max-rounds", type=int, default=None, help="cap on corrected slices (default: every slice)")
     pl.add_argument("--no-stop", action="store_true", help="keep correcting after mean Dice 0.95 is reached")
     pl.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
@@ -161,9 +166,15 @@ def run_loop_cmd(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     results = []
     for case in _cases(args):
+        initial = None
+        if args.start == "reference":
+            from ..reference.inference import suggest_slices
+
+            sug = suggest_slices(case.image_hu, args.reference_weights, k=args.k, device=device)
+            initial = (sug.labels, sug.slices)
         results.append(run_loop(case.image_hu, case.labels, case.spacing, methods=methods, policies=policies, k=args.k,
-                                max_rounds=args.max_rounds, stop_at_target=not args.no_stop, weights=args.weights,
-                                device=device, seed=args.seed, case=case.name, progress=_bar))
+                                initial=initial, max_rounds=args.max_rounds, stop_at_target=not args.no_stop,
+                                weights=args.weights, device=device, seed=args.seed, case=case.name, progress=_bar))
         write_loop_report(results, out, machine=machine_description())
     paths = write_loop_report(results, out, machine=machine_description())
     print(paths["md"].read_text())
