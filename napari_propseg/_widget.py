@@ -543,7 +543,14 @@ class PropSegWidget(QWidget):
     def check_next(self) -> None:
         if self.session is None:
             return
-        z = self.session.check_next()
+        z = None
+        if self._engine is not None and self.session.confidence is not None and hasattr(self._engine, "suggest_next"):
+            try:
+                z = int(self._engine.suggest_next(self.session.confidence, self.session.anchors.zs))
+            except InputError:
+                z = None
+        if z is None:
+            z = self.session.check_next()
         if z is None:
             _notify("info", "Every slice is an anchor; nothing left to check.")
             return
@@ -709,12 +716,13 @@ class PropSegWidget(QWidget):
         engine = self._engine if self._engine_key == key else None
         cancel = self._cancel.is_set
         progress = self._progress_cb
+        locked = tuple(sorted(self.session.locked))
 
         def job():
             eng = engine or make_engine(volume, method=method, device=device)
             t0 = time.perf_counter()
             result = run_propagation(volume, labels, anchors, method=method, device=device, changed=changed,
-                                     progress=progress, cancel=cancel, engine=eng)
+                                     locked_labels=locked, progress=progress, cancel=cancel, engine=eng)
             return eng, result, time.perf_counter() - t0
 
         def done(payload):
@@ -837,7 +845,7 @@ class PropSegWidget(QWidget):
             return
         if isinstance(exc, InputError):
             msg = str(exc)
-            if "weight" in msg.lower() and self.method_combo.currentText() == "stcn":
+            if "weight" in msg.lower() and "interp" not in msg and self.method_combo.currentText() == "stcn":
                 msg += " Or choose the method 'interp', which needs no weights."
         else:
             log.exception("PropSeg job failed", exc_info=exc)

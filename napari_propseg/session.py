@@ -532,19 +532,9 @@ class Session:
         return [int(z) for z in step.zs]
 
     def check_next(self) -> int | None:
-        """The non-anchor slice most worth checking: lowest confidence, else farthest
-        from every anchor among slices holding labels. None when there is nothing."""
-        if self.confidence is not None:
-            try:
-                from .propagation.engine import suggest_next
-            except ImportError:
-                suggest_next = None
-            if suggest_next is not None:
-                try:
-                    z = suggest_next(self.confidence, self.anchors.zs)
-                    return None if z is None else int(z)
-                except (TypeError, ValueError):
-                    log.debug("engine suggest_next failed; using the session's own choice", exc_info=True)
+        """The non-anchor slice most worth checking: lowest confidence (as the engine's
+        ``suggest_next``), else, before any propagation, the labeled slice farthest from
+        every anchor. None when every slice is an anchor."""
         z_all = np.arange(self.labels.shape[0])
         free = np.ones(len(z_all), bool)
         free[self.anchors.zs] = False
@@ -661,7 +651,7 @@ def find_session(geometry: dict, folder: str | os.PathLike | None = None) -> Pat
 
 
 def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
-                    device: str = "auto", changed: Sequence[int] | None = None,
+                    device: str = "auto", changed: Sequence[int] | None = None, locked_labels: Iterable[int] = (),
                     progress: ProgressFn = None, cancel: CancelFn = None,
                     engine: Any = None, engine_factory: Callable[..., Any] | None = None) -> Any:
     """Run the propagation engine (blocking; the widget calls it in a worker thread).
@@ -674,6 +664,7 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         changed: when given, the slices corrected since the last propagation: only the
             ranges between their neighbouring anchors are recomputed (``repropagate``).
+        locked_labels: label ids the engine keeps exactly as in ``labels``.
         progress: ``(step, total, message)`` callback, once per slice.
         cancel: returns True to stop within one slice (CancelledError).
         engine: an engine built earlier for this volume/method/device (re-propagation
@@ -687,9 +678,10 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
     """
     if engine is None:
         engine = make_engine(volume_hu, method=method, device=device, engine_factory=engine_factory)
+    locked = tuple(int(i) for i in locked_labels)
     if changed:
-        return engine.repropagate(labels, anchors, list(changed), progress=progress, cancel=cancel)
-    return engine.propagate(labels, anchors, progress=progress, cancel=cancel)
+        return engine.repropagate(labels, anchors, list(changed), locked_labels=locked, progress=progress, cancel=cancel)
+    return engine.propagate(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel)
 
 
 def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "auto",

@@ -69,11 +69,11 @@ class CopyNearestEngine:
         conf[len(labels) // 3] = 0.1  # a slice "worth checking"
         return SimpleNamespace(labels=out, confidence=conf, computed=list(zs), seconds=0.0)
 
-    def propagate(self, labels, anchors, progress=None, cancel=None):
+    def propagate(self, labels, anchors, *, locked_labels=(), progress=None, cancel=None):
         CopyNearestEngine.calls.append(("propagate", tuple(anchors)))
         return self._fill(labels, anchors, list(range(labels.shape[0])), progress, cancel)
 
-    def repropagate(self, labels, anchors, changed, progress=None, cancel=None):
+    def repropagate(self, labels, anchors, changed, *, locked_labels=(), progress=None, cancel=None):
         CopyNearestEngine.calls.append(("repropagate", tuple(anchors), tuple(changed)))
         a = sorted(anchors)
         zs = set()

@@ -1,0 +1,273 @@
+"""The widget's core (napari_propseg.session) without Qt: anchors, undo, locks, geometry,
+autosave/resume, paint-event parsing, engine plumbing."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from napari_propseg.errors import InputError
+from napari_propseg.io import Volume, read_labels
+from napari_propseg.session import (
+    AnchorBook,
+    Session,
+    changed_slices,
+    find_session,
+    fingerprint,
+    geometry_of,
+    layer_kwargs,
+    run_propagation,
+    session_dir,
+    slices_from_paint_atoms,
+    volume_from_geometry,
+)
+
+
+def _vol(shape=(8, 6, 5)):
+    return Volume.from_array(np.zeros(shape, np.int16), spacing=(2.5, 0.8, 0.7), origin=(-10.0, 5.0, 30.0),
+                             path=None)
+
+
+def test_anchor_book_navigation_and_bracket():
+    book = AnchorBook(10)
+    book.set(2, "suggested")
+    book.set(7, "corrected")
+    book.set(5, "empty")
+    assert book.zs == [2, 5, 7]
+    assert book.next_after(5) == 7 and book.prev_before(5) == 2
+    assert book.next_after(7) is None and book.prev_before(2) is None
+    assert book.bracket(6) == (5, 7)
+    assert book.bracket(0) == (0, 2) and book.bracket(9) == (7, 9)
+    assert 5 in book and 4 not in book
+    assert book.remove(5) and not book.remove(5)
+    with pytest.raises(InputError, match="outside the volume"):
+        book.set(10, "corrected")
+    with pytest.raises(ValueError):
+        book.set(1, "great")
+    assert AnchorBook.from_list(10, book.to_list()).items() == book.items()
+
+
+def test_record_edit_sets_status_from_content():
+    s = Session(np.zeros((6, 4, 4), np.uint8))
+    s.labels[1, 0, 0] = 2
+    assert s.record_edit([1, 3, 1]) == [1, 3]
+    assert s.anchors.items() == [(1, "corrected"), (3, "empty")]
+    assert s.dirty
+
+
+def test_set_suggested_keeps_corrected_slices():
+    s = Session(np.zeros((6, 4, 4), np.uint8))
+    s.labels[2] = 5
+    s.record_edit([2])
+    masks = np.ones((3, 4, 4), np.uint8)
+    masks[2] = 0
+    done = s.set_suggested([0, 2, 4], masks)
+    assert done == [0, 4]
+    assert s.anchors.items() == [(0, "suggested"), (2, "corrected"), (4, "empty")]
+    assert (s.labels[2] == 5).all(), "a corrected slice is never overwritten by a suggestion"
+
+
+def test_apply_result_keeps_anchors_and_locked_labels_and_undo_is_one_step():
+    s = Session(np.zeros((6, 4, 4), np.uint8))
+    s.labels[0, :2] = 1
+    s.labels[0, 2:] = 2
+    s.labels[5, 3, 3] = 3  # a locked label drawn on a non-anchor slice
+    s.record_edit([0])
+    s.locked = {3}
+    before = s.labels.copy()
+    engine_out = np.full_like(s.labels, 2)
+    engine_out[0] = 9  # an engine that (wrongly) touches an anchor
+    changed = s.apply_result(engine_out, "propagate (test)", confidence=np.linspace(0, 1, 6))
+    np.testing.assert_array_equal(s.labels[0], before[0])
+    assert s.labels[5, 3, 3] == 3, "locked label kept"
+    assert changed == [1, 2, 3, 4, 5]
+    assert (s.labels[1:5] == 2).all()
+    assert len(s.undo_stack) == 1
+    assert s.undo() == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(s.labels, before)
+    assert s.undo() == []
+
+
+def test_apply_result_without_change_pushes_no_undo_step():
+    s = Session(np.zeros((4, 3, 3), np.uint8))
+    s.record_edit([0])
+    assert s.apply_result(s.labels.copy(), "noop") == []
+    assert len(s.undo_stack) == 0
+
+
+def test_undo_stack_is_bounded():
+    s = Session(np.zeros((4, 3, 3), np.uint8), max_undo=2)
+    s.record_edit([0])
+    for v in (1, 2, 3):
+        out = s.labels.copy()
+        out[1:] = v
+        s.apply_result(out, f"p{v}")
+    assert len(s.undo_stack) == 2
+    s.undo()
+    s.undo()
+    assert (s.labels[1:] == 1).all()
+
+
+def test_check_next_prefers_low_confidence_then_distance():
+    s = Session(np.zeros((10, 3, 3), np.uint8))
+    s.labels[:, 1, 1] = 1
+    s.record_edit([0, 9])
+    assert s.check_next() in (4, 5)  # farthest labeled slice from the anchors
+    s.confidence = np.array([1, .9, .8, .2, .9, .9, .05, .9, .9, 1], np.float32)
+    assert s.check_next() == 6
+    s.confidence[6] = np.nan
+    assert s.check_next() == 3
+    full = Session(np.zeros((2, 2, 2), np.uint8))
+    full.record_edit([0, 1])
+    assert full.check_next() is None
+
+
+def test_propagation_inputs_require_anchors():
+    s = Session(np.zeros((4, 3, 3), np.uint8))
+    with pytest.raises(InputError, match="no anchor slices"):
+        s.propagation_inputs()
+
+
+def test_session_rejects_bad_labels():
+    with pytest.raises(InputError):
+        Session(np.zeros((3, 3), np.uint8))
+    with pytest.raises(InputError):
+        Session(np.zeros((3, 3, 3), np.float32))
+
+
+def test_geometry_roundtrip_and_layer_kwargs(tmp_path):
+    vol = _vol()
+    geom = geometry_of(vol)
+    json.dumps(geom)  # JSON-able (goes into napari metadata and session files)
+    assert geom["shape"] == [8, 6, 5]
+    kw = layer_kwargs(vol, "ct")
+    assert kw["scale"] == (2.5, 0.8, 0.7)
+    assert kw["translate"] == (30.0, 5.0, -10.0)
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[3, 2, 1] = 7
+    like = volume_from_geometry(kw["metadata"]["propseg_volume"], labels)
+    assert like.spacing == vol.spacing and like.origin == vol.origin
+    from napari_propseg.io import write_labels
+
+    out = write_labels(labels, like, tmp_path / "l.nii.gz")
+    back = read_labels(out, vol)
+    np.testing.assert_array_equal(back.array, labels)
+    with pytest.raises(InputError, match="shape"):
+        volume_from_geometry(geom, labels[:3])
+
+
+def test_geometry_of_real_file_keeps_orientation(tmp_path, shared_data):
+    """A Labels layer drawn on a LAS/RAS file's image is written back in that layout."""
+    from napari_propseg.io import read_volume, write_labels
+
+    ct = read_volume(shared_data / "totalseg_example" / "example_ct.nii.gz")
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[10:12, 20:30, 5:9] = 4
+    like = volume_from_geometry(geometry_of(ct), labels)
+    out = write_labels(labels, like, tmp_path / "seg.nii.gz")
+    import SimpleITK as sitk
+
+    img_ct, img_lab = sitk.ReadImage(str(ct.path)), sitk.ReadImage(str(out))
+    assert img_lab.GetSize() == img_ct.GetSize()
+    np.testing.assert_allclose(img_lab.GetDirection(), img_ct.GetDirection())
+    np.testing.assert_allclose(img_lab.GetOrigin(), img_ct.GetOrigin(), atol=1e-4)
+    np.testing.assert_array_equal(read_labels(out, ct).array, labels)
+
+
+def test_save_load_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom, {"method": "interp", "k": 5})
+    s.labels[2, 1, 1] = 4
+    s.record_edit([2, 6])
+    s.locked = {4}
+    s.confidence = np.linspace(0, 1, 8).astype(np.float32)
+    folder = s.save()
+    assert folder.parent == tmp_path / "home" and not s.dirty
+    assert find_session(geom) == folder
+    # a second save replaces the labels file atomically and keeps one copy
+    s.labels[3, 0, 0] = 1
+    s.save()
+    assert len(list(folder.glob("labels-*.npz"))) == 1
+    r = Session.load(folder, geom)
+    np.testing.assert_array_equal(r.labels, s.labels)
+    assert r.anchors.items() == [(2, "corrected"), (6, "empty")]
+    assert r.locked == {4} and r.settings["method"] == "interp"
+    np.testing.assert_allclose(r.confidence, s.confidence)
+    # another image: no session found, and loading it explicitly is refused
+    other = dict(geom, spacing=[1.0, 1.0, 1.0])
+    assert find_session(other) is None
+    with pytest.raises(InputError, match="another image"):
+        Session.load(folder, other)
+    with pytest.raises(InputError, match="no readable PropSeg session"):
+        Session.load(tmp_path / "nothing")
+
+
+def test_session_dir_beside_image_file(tmp_path):
+    geom = geometry_of(_vol())
+    geom["path"] = str(tmp_path / "case01.nii.gz")
+    assert session_dir(geom) == tmp_path / "case01.propseg"
+    assert session_dir(geom, tmp_path / "elsewhere") == tmp_path / "elsewhere" / "case01.propseg"
+    assert fingerprint(geom) != fingerprint(geometry_of(_vol()))
+
+
+def test_save_to_unwritable_folder_is_input_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    s = Session(np.zeros((2, 2, 2), np.uint8), geometry_of(_vol((2, 2, 2))))
+    with pytest.raises(InputError, match="Cannot save the session"):
+        s.save(blocker)
+
+
+def test_slices_from_paint_atoms():
+    tuple_atom = ((np.array([3, 3, 5]), np.array([0, 1, 1]), np.array([2, 2, 2])), np.zeros(3), 1)
+    masked = SimpleNamespace(slice_key=(slice(7, 9), slice(0, 4), slice(0, 4)), mask=None, old_values=None, new_value=1)
+    assert slices_from_paint_atoms([tuple_atom, masked]) == [3, 5, 7, 8]
+    assert slices_from_paint_atoms([]) == []
+    assert slices_from_paint_atoms([object()]) == []
+
+
+def test_changed_slices():
+    a = np.zeros((4, 2, 2), np.uint8)
+    b = a.copy()
+    b[1, 0, 0] = 1
+    b[3, 1, 1] = 2
+    assert changed_slices(a, b) == [1, 3]
+
+
+def test_run_propagation_full_and_repropagate_calls():
+    calls = []
+
+    class Engine:
+        def __init__(self, vol, method, device):
+            calls.append(("init", method, device))
+
+        def propagate(self, labels, anchors, *, locked_labels, progress, cancel):
+            calls.append(("propagate", tuple(anchors), locked_labels))
+            return "full"
+
+        def repropagate(self, labels, anchors, changed, *, locked_labels, progress, cancel):
+            calls.append(("re", tuple(changed)))
+            return "partial"
+
+    vol = np.zeros((4, 3, 3), np.int16)
+    lab = np.zeros((4, 3, 3), np.uint8)
+    assert run_propagation(vol, lab, [0], method="interp", device="cpu", locked_labels={2},
+                           engine_factory=Engine) == "full"
+    assert run_propagation(vol, lab, [0, 2], changed=[2], engine_factory=Engine) == "partial"
+    assert calls == [("init", "interp", "cpu"), ("propagate", (0,), (2,)), ("init", "stcn", "auto"), ("re", (2,))]
+
+
+def test_run_propagation_with_real_engine_interp():
+    pytest.importorskip("napari_propseg.propagation.engine")
+    from napari_propseg.phantom import make_phantom
+
+    ct, gt = make_phantom((16, 48, 48), (5.0, 6.0, 6.0), 1)
+    labels = np.zeros_like(gt.array)
+    labels[[4, 11]] = gt.array[[4, 11]]
+    res = run_propagation(ct.array, labels, [4, 11], method="interp", device="cpu")
+    np.testing.assert_array_equal(res.labels[[4, 11]], gt.array[[4, 11]])
+    assert res.labels[7].any()
+    assert res.confidence.shape == (16,)
