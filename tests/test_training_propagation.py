@@ -372,14 +372,25 @@ def test_train_checkpoint_resume_and_weights(tmp_path, _one_thread, monkeypatch)
                           overrides={"network_overrides": {"value_dim": 32, "decoder_dims": [32, 32, 16]}})
 
 
-def test_cancel_writes_checkpoint(tmp_path, _one_thread):
+def test_time_limit_and_cancel_write_resumable_checkpoints(tmp_path, _one_thread):
+    from napari_propseg.weights import load_weights
+
     td = _tiny_data(validation=False)
     cfg = {"resolution": 64, "network": "cpu", "network_overrides": {"value_dim": 32, "decoder_dims": [16, 16, 16]},
            "stage0_steps": 3, "stage1_steps": 0, "batch_size": 1, "val_every": 100, "ckpt_every": 100}
+    # time limit 0: stops after the first step with a checkpoint and partial weights
+    weights = train_propagation(cfg, out_dir=tmp_path, device="cpu", data=td, time_limit=0)
+    _, _, meta = load_weights(weights, kind="stcn")
+    assert meta["trained_steps"] == 1 and meta["complete"] is False
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["step"] == 1
+    # resume, then cancel after one more step: checkpoint at step 2, CancelledError
     done = []
     with pytest.raises(CancelledError):
-        train_propagation(cfg, out_dir=tmp_path, device="cpu", data=td, progress=lambda s, t, m: done.append(s), cancel=lambda: len(done) >= 1)
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+        train_propagation(cfg, device="cpu", data=td, resume=last, progress=lambda s, t, m: done.append(s), cancel=lambda: len(done) >= 1)
+    assert done == [2]
+    assert torch.load(last, weights_only=True)["step"] == 2
+    assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "train_log.csv"))] == [1, 2]
 
 
 def test_minimal_propagation_fills_between_anchors():

@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     common(pp)
     pp.add_argument("--cache", metavar="FILE.npz", default=None, help="train from preprocessed volumes written by --cache-out")
     pp.add_argument("--cache-out", metavar="FILE.npz", default=None, help="preprocess the volumes into FILE.npz and stop (no training)")
+    pp.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="stop after this many seconds with a checkpoint (continue later with --resume OUT/checkpoints/last.pt)")
     pp.set_defaults(func=run_propagation)
 
     pr = sub.add_parser("reference", help="train the reference (slice segmentation) network",
@@ -128,7 +130,8 @@ def run_propagation(args: argparse.Namespace) -> int:
     overrides = _step_overrides(args.config, args.steps, args.variant)
     bar = ProgressBar() if _rank0() else None
     weights = train_propagation(args.config, resume=args.resume, out_dir=args.out, progress=bar, device=args.device,
-                                variant=args.variant, data_root=args.data_root, cache=args.cache, overrides=overrides)
+                                variant=args.variant, data_root=args.data_root, cache=args.cache, overrides=overrides,
+                                time_limit=args.time_limit)
     if _rank0():
         print(f"weights written to {weights}")
     return 0

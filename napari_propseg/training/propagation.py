@@ -325,6 +325,7 @@ def train_propagation(
     overrides: Mapping[str, Any] | None = None,
     data: TrainingData | None = None,
     on_step: Callable[[int, torch.nn.Module, dict], None] | None = None,
+    time_limit: float | None = None,
 ) -> Path:
     """Train the STCN propagation network (stage 0, then stage 1) and export its weights.
 
@@ -347,6 +348,10 @@ def train_propagation(
         on_step: called on every rank after every optimisation step with
             ``(step, model, losses)`` (the unwrapped model, this rank's loss tensors), e.g.
             to inspect the weights.
+        time_limit: stop after this many seconds (checked between steps): a checkpoint
+            and the weights so far are written (``meta["complete"] = False``) and
+            ``--resume`` continues exactly where it stopped. For machines that run one
+            command for a limited time.
 
     Returns:
         Path of the weights-only file (``kind="stcn"``).
@@ -361,12 +366,13 @@ def train_propagation(
     main = rank == 0
     try:
         return _train(cfg, resume=resume, out_dir=out_dir, progress=progress, cancel=cancel, dev=dev, rank=rank, world=world,
-                      main=main, cache=cache, data=data, t_start=t_start, on_step=on_step)
+                      main=main, cache=cache, data=data, t_start=t_start, on_step=on_step,
+                      time_limit=time_limit)
     finally:
         ddp_cleanup()
 
 
-def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start, on_step) -> Path:
+def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start, on_step, time_limit) -> Path:
     from ..propagation.network import build_stcn
     from ..weights import save_weights
 
@@ -468,9 +474,29 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
     sums = {"loss": 0.0, "ce": 0.0, "lovasz": 0.0}
     n_sum = 0
     t_log = time.time()
+
+    def flush_log(at: int, lr: float) -> None:
+        """Write the mean losses since the last row (mean over ranks too); every rank calls it."""
+        nonlocal sums, n_sum, t_log
+        if n_sum == 0:
+            return
+        vals = torch.tensor([sums["loss"], sums["ce"], sums["lovasz"]], dtype=torch.float64, device=dev) / n_sum
+        if world > 1:
+            torch.distributed.all_reduce(vals)
+            vals /= world
+        if main:
+            train_log.log({"step": at, "stage": int(at > s0), "max_gap": dataset.max_gap(at - 1) if at > s0 else 0,
+                           "lr": lr, "loss": float(vals[0]), "ce": float(vals[1]), "lovasz": float(vals[2]),
+                           "sec_per_step": (time.time() - t_log) / n_sum})
+        sums = dict.fromkeys(sums, 0.0)
+        n_sum = 0
+        t_log = time.time()
+
+    lr_now = optimizer.param_groups[0]["lr"]
     it = iter(loader)
     while step < total:
         if cancel is not None and cancel():
+            flush_log(step, lr_now)
             checkpoint(step)
             barrier()
             check_cancel(cancel)
@@ -506,18 +532,7 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
             raise RuntimeError(f"training loss is not finite at step {step}; lower the learning rate or use amp: bf16/off")
 
         if step % cfg["log_every"] == 0 or step == total:
-            vals = torch.tensor([sums["loss"], sums["ce"], sums["lovasz"]], dtype=torch.float64, device=dev) / max(1, n_sum)
-            if world > 1:
-                torch.distributed.all_reduce(vals)
-                vals /= world
-            if main:
-                dt = (time.time() - t_log) / max(1, n_sum)
-                train_log.log({"step": step, "stage": int(step > s0), "max_gap": dataset.max_gap(step - 1) if step > s0 else 0,
-                               "lr": lr_now, "loss": float(vals[0]), "ce": float(vals[1]),
-                               "lovasz": float(vals[2]), "sec_per_step": dt})
-            sums = dict.fromkeys(sums, 0.0)
-            n_sum = 0
-            t_log = time.time()
+            flush_log(step, lr_now)
         synced = False
         if step % cfg["val_every"] == 0 or step == total:
             validate(step)
@@ -530,6 +545,17 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
         if on_step is not None:
             on_step(step, model, {k: v.detach() for k, v in losses.items()})
         report(progress, step, total, f"stage {int(step > s0)} loss {float(losses['loss'].detach()):.3f}")
+        if time_limit is not None and step < total and (world == 1 or step % cfg["log_every"] == 0):
+            over = torch.tensor(float(time.time() - t_start > float(time_limit)), device=dev)
+            if world > 1:
+                torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+            if over.item() > 0:
+                log.warning("time limit of %.0f s reached at step %d of %d: checkpoint written, resume with --resume %s",
+                            float(time_limit), step, total, ckpt_dir / "last.pt")
+                flush_log(step, lr_now)
+                checkpoint(step)
+                barrier()
+                break
 
     if start >= total:
         checkpoint(step)
@@ -537,6 +563,7 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
     if main:
         meta = {
             "trained_steps": step,
+            "complete": step >= total,
             "stage0_steps": s0,
             "stage1_steps": s1,
             "resolution": cfg["resolution"],
