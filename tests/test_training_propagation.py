@@ -344,10 +344,12 @@ def test_train_checkpoint_resume_and_weights(tmp_path, _one_thread, monkeypatch)
     assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
     val = list(csv.DictReader(open(run / "val_log.csv")))
     assert len(val) == 1 and val[0]["case"] == "ct2" and 0.0 <= float(val[0]["mean_dice"]) <= 1.0 and int(val[0]["n_labels"]) >= 5
+    assert 0.3 < float(val[0]["sdf_dice"]) <= 1.0  # the classical baseline on the same anchors
 
     # weights-only file: loads through the shared loader and rebuilds the network
     config, state, meta = load_weights(weights, kind="stcn")
     assert config["resolution"] == 64 and meta["trained_steps"] == 4 and meta["validation_cases"] == ["ct2"]
+    assert set(meta["validation_mean_dice"]) == {"ct2@k5"} and meta["complete"] is True
     net = load_stcn(weights)
     final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for k, v in net.state_dict().items():

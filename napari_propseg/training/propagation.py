@@ -87,7 +87,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 TRAIN_FIELDS = ["step", "stage", "max_gap", "lr", "loss", "ce", "lovasz", "sec_per_step"]
-VAL_FIELDS = ["step", "case", "k", "mean_dice", "n_labels", "seconds"]
+VAL_FIELDS = ["step", "case", "k", "mean_dice", "sdf_dice", "n_labels", "seconds"]
 
 
 # --------------------------------------------------------------------------- config
@@ -268,25 +268,45 @@ def propagate_between_anchors(model: torch.nn.Module, image: np.ndarray, labels:
     return out
 
 
-def validation_dice(model: torch.nn.Module, case, *, k: int, device: torch.device, amp_dtype=None) -> dict:
+def _dice_between(labels: np.ndarray, pred: np.ndarray, anchors: list[int]) -> dict[int, float]:
+    """Per-label Dice over the non-anchor slices, labels present in the ground truth there."""
+    keep = np.ones(labels.shape[0], dtype=bool)
+    keep[anchors] = False
+    gt, pr = labels[keep], pred[keep]
+    per = {}
+    for i in sorted(set(np.unique(gt).tolist()) - {0}):
+        g, p = gt == i, pr == i
+        per[int(i)] = float(2.0 * np.logical_and(g, p).sum() / (g.sum() + p.sum()))
+    return per
+
+
+def validation_dice(model: torch.nn.Module | None, case, *, k: int, device: torch.device, amp_dtype=None, method: str = "stcn") -> dict:
     """Mean Dice of the k-anchor propagation on one preprocessed validation volume.
 
     PROTOCOL.md section 1 with linspace anchors only (no per-label largest-area slices),
     scored at the working resolution over the non-anchor slices, labels present in the
     ground truth there.
 
+    Args:
+        model: the network (ignored for ``method="sdf"``).
+        case: a :class:`~napari_propseg.training.data.CaseData`.
+        k: number of anchors.
+        method: ``"stcn"`` (:func:`propagate_between_anchors`) or ``"sdf"`` (the classical
+            signed-distance interpolation baseline on the same anchors).
+
     Returns:
         ``{"mean_dice", "n_labels", "per_label": {id: dice}, "anchors": [...]}``.
     """
     anchors = anchor_slices(case.labels, k)
-    pred = propagate_between_anchors(unwrap(model), case.image, case.labels, anchors, device=device, amp_dtype=amp_dtype)
-    keep = np.ones(case.depth, dtype=bool)
-    keep[anchors] = False
-    gt, pr = case.labels[keep], pred[keep]
-    per = {}
-    for i in sorted(set(np.unique(gt).tolist()) - {0}):
-        g, p = gt == i, pr == i
-        per[int(i)] = float(2.0 * np.logical_and(g, p).sum() / (g.sum() + p.sum()))
+    if method == "sdf":
+        from ..propagation.interp import sdf_interpolate
+
+        seeds = np.zeros_like(case.labels)
+        seeds[anchors] = case.labels[anchors]
+        pred = sdf_interpolate(seeds, anchors)
+    else:
+        pred = propagate_between_anchors(unwrap(model), case.image, case.labels, anchors, device=device, amp_dtype=amp_dtype)
+    per = _dice_between(case.labels, pred, anchors)
     mean = float(np.mean(list(per.values()))) if per else float("nan")
     return {"mean_dice": mean, "n_labels": len(per), "per_label": per, "anchors": anchors}
 
@@ -455,6 +475,9 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
                 old.unlink()
 
     last_val: dict[str, float] = {}
+    baseline: dict[tuple[str, int], float] = {}
+    ks = cfg["val"].get("k", 5)
+    ks = [int(v) for v in (ks if isinstance(ks, (list, tuple)) else [ks])]
 
     def validate(step: int) -> None:
         if not main or not data.validation:
@@ -462,12 +485,16 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
         model.eval()
         cases = data.validation[: cfg["val"].get("max_cases") or None]
         for case in cases:
-            t0 = time.time()
-            res = validation_dice(model, case, k=int(cfg["val"].get("k", 5)), device=dev, amp_dtype=amp_dtype)
-            val_log.log({"step": step, "case": case.name, "k": int(cfg["val"].get("k", 5)), "mean_dice": res["mean_dice"],
-                         "n_labels": res["n_labels"], "seconds": time.time() - t0})
-            last_val[case.name] = res["mean_dice"]
-            log.info("step %d validation %s: mean Dice %.4f over %d labels (k=%d)", step, case.name, res["mean_dice"], res["n_labels"], int(cfg["val"].get("k", 5)))
+            for k in ks:
+                if (case.name, k) not in baseline:
+                    baseline[(case.name, k)] = validation_dice(None, case, k=k, device=dev, method="sdf")["mean_dice"]
+                t0 = time.time()
+                res = validation_dice(model, case, k=k, device=dev, amp_dtype=amp_dtype)
+                val_log.log({"step": step, "case": case.name, "k": k, "mean_dice": res["mean_dice"], "sdf_dice": baseline[(case.name, k)],
+                             "n_labels": res["n_labels"], "seconds": time.time() - t0})
+                last_val[f"{case.name}@k{k}"] = res["mean_dice"]
+                log.info("step %d validation %s k=%d: mean Dice %.4f (SDF interpolation %.4f) over %d labels",
+                         step, case.name, k, res["mean_dice"], baseline[(case.name, k)], res["n_labels"])
         model.train()
 
     step = start
@@ -575,6 +602,10 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
             "hardware": _hardware(dev, world),
             "wall_seconds_this_session": round(time.time() - t_start, 1),
             "torch": str(torch.__version__),
+            "preprocessing": {
+                "crop": "training.data.body_bbox: HU > -500 in >= 10% of slices, largest component, 4% margin, square in mm, air padding",
+                "resize": "bilinear on HU to resolution x resolution, then window_ct (abdomen, chest, bone)",
+            },
         }
         wdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("weights_dtype", "float16")))
         if wdtype is None:
