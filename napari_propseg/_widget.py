@@ -74,6 +74,15 @@ def _reference_available() -> bool:
     return True
 
 
+def _stcn_weights_available() -> bool:
+    try:
+        from .propagation.engine import default_weights_path
+
+        return default_weights_path().is_file()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _notify(kind: str, message: str) -> None:
     from napari.utils import notifications
 
@@ -195,6 +204,8 @@ class PropSegWidget(QWidget):
         self.method_combo = QComboBox()
         self.method_combo.addItems(["stcn", "interp"])
         self.method_combo.setToolTip("stcn: memory-bank network (needs weights); interp: signed-distance interpolation")
+        if not _stcn_weights_available():
+            self.method_combo.setCurrentText("interp")
         self.k_spin = QSpinBox()
         self.k_spin.setRange(1, 256)
         self.k_spin.setValue(9)
