@@ -445,3 +445,28 @@ def test_shared_data_cases_map_to_flare(shared_data):
 
 def _default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "propagation" / "train_default.yaml"
+
+
+def test_cli_reference_passes_overrides(tmp_path, monkeypatch):
+    import napari_propseg.training.reference as ref
+    from napari_propseg.cli import main
+
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "ct.nii.gz").write_bytes(b"")
+    cfg = tmp_path / "ref.yaml"
+    cfg.write_text("steps: 100\ndata:\n  labeled:\n    - {image: cases/ct.nii.gz, labels: missing.nii.gz}\n")
+    seen = {}
+
+    def fake(config, *, resume=None, progress=None, cancel=None):
+        seen.update(config=config, resume=resume)
+        return {"weights": ["a.pt", "b.pt"]}
+
+    monkeypatch.setattr(ref, "train_reference", fake)
+    assert main(["train", "reference", str(cfg)]) == 0
+    assert seen["config"] == str(cfg)  # no override: the file itself
+    assert main(["train", "reference", str(cfg), "--steps", "7", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    c = seen["config"]
+    assert c["steps"] == 7 and c["device"] == "cpu" and c["out"] == str(tmp_path / "o")
+    entry = c["data"]["labeled"][0]
+    assert entry["image"] == str(tmp_path / "cases" / "ct.nii.gz") and entry["labels"] == "missing.nii.gz"
+    assert main(["train", "reference", str(cfg), "--variant", "cpu"]) == 2

@@ -137,23 +137,53 @@ def run_propagation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolutize(value, base):
+    """Copy of a config value with every relative path string that exists under ``base`` made absolute."""
+    from pathlib import Path
+
+    if isinstance(value, dict):
+        return {k: _absolutize(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolutize(v, base) for v in value]
+    if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+        return str((base / value).resolve())
+    return value
+
+
 def run_reference(args: argparse.Namespace) -> int:
-    """Train the reference network through :func:`napari_propseg.training.reference.train_reference`."""
+    """Train the reference network through :func:`napari_propseg.training.reference.train_reference`.
+
+    ``--out``, ``--device`` and ``--steps`` become the config keys ``out``, ``device`` and
+    ``steps``; the config is then passed as a dict whose relative data paths were made
+    absolute against the config file's folder (``--variant`` and ``--data-root`` are not
+    supported by the reference trainer and are refused).
+    """
+    from pathlib import Path
+
     try:
         from ..training.reference import train_reference
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.endswith("training.reference"):
             raise InputError("Reference training is not available in this installation (napari_propseg.training.reference is missing).") from None
         raise
-    kwargs = {"resume": args.resume, "progress": ProgressBar() if _rank0() else None}
-    # optional keywords, passed only when given so that train_reference's own defaults apply
-    for name, value in (("out_dir", args.out), ("device", None if args.device == "auto" else args.device),
-                        ("variant", args.variant), ("data_root", args.data_root)):
-        if value is not None:
-            kwargs[name] = value
+    if args.variant or args.data_root:
+        raise InputError("propseg train reference does not take --variant or --data-root; put the paths in its config file.")
+    config: object = args.config
+    over = {}
+    if args.out is not None:
+        over["out"] = str(Path(args.out).resolve())
+    if args.device != "auto":
+        over["device"] = args.device
     if args.steps is not None:
-        kwargs["overrides"] = {"steps": args.steps}
-    weights = train_reference(args.config, **kwargs)
+        over["steps"] = args.steps
+    if over:
+        from ..training.propagation import read_config_file
+
+        path = Path(args.config).expanduser().resolve()
+        raw = read_config_file(path)
+        config = {**_absolutize(raw, path.parent), **over}
+    result = train_reference(config, resume=args.resume, progress=ProgressBar() if _rank0() else None)
     if _rank0():
+        weights = result.get("weights") if isinstance(result, dict) else result
         print(f"weights written to {weights}")
     return 0
