@@ -178,6 +178,21 @@ def test_keys_encoded_once_and_cached(weights):
     assert len(calls) == n1
 
 
+def test_anchor_values_cached_until_the_anchor_changes(weights):
+    vol, lab, anchors = _case()
+    eng = _engine(vol, weights, memory_every=1)
+    eng.propagate(lab, anchors)
+    n1 = eng.stats["values_encoded"]
+    eng.propagate(lab, anchors)
+    n2 = eng.stats["values_encoded"] - n1
+    assert 0 < n2 < n1  # propagated slices re-encoded, anchors not
+    edited = lab.copy()
+    edited[6] = np.roll(lab[6], 3, axis=1)  # the user moves the labels on anchor 6
+    cached = eng.propagate(edited, anchors)
+    fresh = _engine(vol, weights, memory_every=1).propagate(edited, anchors)
+    assert np.array_equal(cached.labels, fresh.labels)
+
+
 def test_progress_and_cancel(weights):
     vol, lab, anchors = _case()
     eng = _engine(vol, weights)
@@ -235,8 +250,8 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
     lab[10, 2:20, 2:18] = 2
     eng = _engine(vol, weights)
 
-    def fake_pass(start, start_masks, targets, *, stop, tick, cancel):
-        k = start_masks.shape[1]
+    def fake_pass(start, start_values, targets, *, stop, tick, cancel):
+        k = start_values.shape[1]
         out = {}
         for z in targets:
             p = torch.zeros(k + 1, RES, RES)

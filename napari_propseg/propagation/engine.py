@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -215,6 +216,7 @@ class PropagationEngine:
             self.model = load_stcn(path).to(self.device).eval()
             self.weights_path = path
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
         self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._confidence = np.full(vol.shape[0], np.nan, dtype=np.float32)
         #: counters for tests and benchmarks: keys encoded, values encoded, largest memory bank.
@@ -364,6 +366,26 @@ class PropagationEngine:
         onehot = (lab[None] == ids[:, None, None]).to(torch.float32)  # K, Y, X
         return resize_slices(onehot, (r, r), mode="bilinear").clamp_(0.0, 1.0).unsqueeze(0)
 
+    def _anchor_values(self, z: int, label_slice: np.ndarray, objects: Sequence[int], locked: np.ndarray) -> torch.Tensor:
+        """(1, K, Cv, h, w) memory values of the objects on anchor slice z, cached.
+
+        An object's anchor value depends only on the slice, its own mask and the union of
+        the slice's other (unlocked) labels, not on which other objects the pass carries,
+        so it is cached per (slice, label) and reused by every pass starting from this
+        anchor until the slice's labels change.
+        """
+        digest = hashlib.blake2b(np.ascontiguousarray(label_slice).tobytes() + locked.tobytes(), digest_size=16).digest()
+        missing = [i for i in objects if self._values.get((z, i), (None,))[0] != digest]
+        if missing:
+            fg_ids = [int(i) for i in np.unique(label_slice) if i != 0 and i not in locked]
+            fg = self._masks(label_slice, fg_ids).sum(dim=1, keepdim=True).clamp_(0.0, 1.0) if fg_ids else None
+            masks = self._masks(label_slice, missing)  # 1, M, R, R
+            others = (fg - masks).clamp_(0.0, 1.0) if fg is not None else torch.zeros_like(masks)
+            values = self._encode_value(z, self._features(z)[1], masks, others)[0]  # M, Cv, h, w
+            for i, v in zip(missing, values):
+                self._values[(z, i)] = (digest, v)
+        return torch.stack([self._values[(z, i)][1] for i in objects]).unsqueeze(0)
+
     def _encode_value(self, z: int, f16: torch.Tensor, masks: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
         """(1, K, Cv, h, w) values of slice z for (1, K, R, R) masks (others: their complements)."""
         with self._autocast():
@@ -371,12 +393,12 @@ class PropagationEngine:
         self.stats["values_encoded"] += masks.shape[1]
         return v
 
-    def _pass(self, start: int, start_masks: torch.Tensor, targets: list[int], *, stop: bool, tick: Callable[[int], None], cancel) -> dict[int, torch.Tensor]:
+    def _pass(self, start: int, start_values: torch.Tensor, targets: list[int], *, stop: bool, tick: Callable[[int], None], cancel) -> dict[int, torch.Tensor]:
         """One propagation pass from an anchor over ``targets`` (in order).
 
         Args:
             start: anchor slice.
-            start_masks: (1, K, R, R) object masks on the anchor.
+            start_values: (1, K, Cv, h, w) memory values of the K objects on the anchor.
             targets: slices to segment, in propagation order.
             stop: stop objects that vanish (outward passes).
             tick: called once per target slice.
@@ -384,10 +406,9 @@ class PropagationEngine:
         Returns:
             slice -> (K+1, R, R) float32 probabilities (channel 0 background).
         """
-        k = start_masks.shape[1]
+        k = start_values.shape[1]
         bank = MemoryBank(cap=self.memory_cap, every=self.memory_every)
-        key0, f16_0 = self._features(start)[:2]
-        bank.add(start, key0[0], self._encode_value(start, f16_0, start_masks)[0], anchor=True)
+        bank.add(start, self._features(start)[0][0], start_values[0], anchor=True)
         active = torch.ones(k, dtype=torch.bool, device=self.device)
         misses = torch.zeros(k, dtype=torch.int64, device=self.device)
         probs: dict[int, torch.Tensor] = {}
@@ -455,10 +476,10 @@ class PropagationEngine:
                             tick(z)
                     continue
                 if seg.kind == "between":
-                    up = self._pass(seg.lo, self._masks(labels[seg.lo], objects), zs, stop=False, tick=tick, cancel=cancel)
+                    up = self._pass(seg.lo, self._anchor_values(seg.lo, labels[seg.lo], objects, locked), zs, stop=False, tick=tick, cancel=cancel)
                     for z in zs:  # keep the first pass compact while the second runs
                         up[z] = up[z].to(torch.float16)
-                    down = self._pass(seg.hi, self._masks(labels[seg.hi], objects), zs[::-1], stop=False, tick=tick, cancel=cancel)
+                    down = self._pass(seg.hi, self._anchor_values(seg.hi, labels[seg.hi], objects, locked), zs[::-1], stop=False, tick=tick, cancel=cancel)
                     for z in zs:
                         wa = (seg.hi - z) / (seg.hi - seg.lo)
                         pu, pd = up.pop(z).float(), down.pop(z)
@@ -468,12 +489,13 @@ class PropagationEngine:
                 else:
                     start = seg.hi if seg.kind == "below" else seg.lo
                     order = zs[::-1] if seg.kind == "below" else zs
-                    probs = self._pass(start, self._masks(labels[start], objects), order, stop=True, tick=tick, cancel=cancel)
+                    probs = self._pass(start, self._anchor_values(start, labels[start], objects, locked), order, stop=True, tick=tick, cancel=cancel)
                     for z in order:
                         agreement[z] = 1.0
                         self._finish(z, probs.pop(z), objects, labels, locked, out, fused)
+        areas: dict[int, np.ndarray] = {}
         for z, certainty in fused.items():
-            conf[z] = agreement[z] * certainty * _smoothness(out, z, locked)
+            conf[z] = agreement[z] * certainty * _smoothness(out, z, locked, areas)
         return conf
 
     def _finish(self, z, p, objects, labels, locked, out, fused) -> None:
@@ -509,23 +531,24 @@ def _certainty(p: torch.Tensor) -> float:
     return float(1.0 - ent[region].mean().clamp(0.0, 1.0))
 
 
-def _smoothness(labels: np.ndarray, z: int, locked: np.ndarray) -> float:
+def _smoothness(labels: np.ndarray, z: int, locked: np.ndarray, cache: dict[int, np.ndarray]) -> float:
     """1 - relative change of per-label areas from the mean of the neighbouring slices."""
-    def areas(s: np.ndarray) -> dict[int, int]:
-        ids, counts = np.unique(s, return_counts=True)
-        return {int(i): int(c) for i, c in zip(ids, counts) if i != 0 and i not in locked}
 
-    here = areas(labels[z])
-    nbrs = [areas(labels[n]) for n in (z - 1, z + 1) if 0 <= n < labels.shape[0]]
+    def areas(n: int) -> np.ndarray:
+        if n not in cache:
+            a = np.bincount(labels[n].ravel().astype(np.int64)).astype(np.float64)
+            a[0] = 0.0
+            ids = locked[locked < a.size]
+            a[ids] = 0.0
+            cache[n] = a
+        return cache[n]
+
+    nbrs = [areas(n) for n in (z - 1, z + 1) if 0 <= n < labels.shape[0]]
     if not nbrs:
         return 1.0
-    keys = set(here).union(*[set(n) for n in nbrs])
-    if not keys:
-        return 1.0
-    diff = tot = 0.0
-    for key in keys:
-        a = here.get(key, 0)
-        m = sum(n.get(key, 0) for n in nbrs) / len(nbrs)
-        diff += abs(a - m)
-        tot += max(a, m)
-    return float(1.0 - diff / tot) if tot > 0 else 1.0
+    size = max(len(a) for a in nbrs + [areas(z)])
+    pad = lambda a: np.pad(a, (0, size - a.size))  # noqa: E731
+    here = pad(areas(z))
+    mean = sum(pad(a) for a in nbrs) / len(nbrs)
+    tot = np.maximum(here, mean).sum()
+    return float(1.0 - np.abs(here - mean).sum() / tot) if tot > 0 else 1.0
