@@ -15,8 +15,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: An integer volume with at most this many distinct values (in a sample) is a label map.
-MAX_LABEL_IDS = 256
+#: A non-negative integer volume with at most this many distinct values is a label map
+#: (TotalSegmentator v2 has 117 classes; an 8-bit grey image has more values).
+MAX_LABEL_IDS = 128
+#: ... or up to this many when the file name says so (seg, label, mask).
+MAX_LABEL_IDS_NAMED = 4096
+_LABEL_WORDS = ("seg", "label", "mask")
 DEFAULT_PRESET = "abdomen"
 
 LayerData = list[tuple]
@@ -40,13 +44,16 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], LayerData] | Non
     return read_layers
 
 
-def _looks_like_labels(arr: np.ndarray) -> bool:
+def _looks_like_labels(arr: np.ndarray, path: str | None = None) -> bool:
+    """Whether a volume is a label map: non-negative integers with few distinct values."""
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
         return False
+    name = os.path.basename(os.path.normpath(path)).lower() if path else ""
+    limit = MAX_LABEL_IDS_NAMED if any(w in name for w in _LABEL_WORDS) else MAX_LABEL_IDS
     sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
     if sample.size and sample.min() < 0:
         return False
-    return np.unique(sample).size <= MAX_LABEL_IDS and np.unique(arr).size <= MAX_LABEL_IDS
+    return np.unique(sample).size <= limit and arr.min() >= 0 and np.unique(arr).size <= limit
 
 
 def layer_data_for(vol: Any, name: str | None = None) -> tuple:
@@ -66,7 +73,7 @@ def layer_data_for(vol: Any, name: str | None = None) -> tuple:
                 break
         name = base
     kwargs = layer_kwargs(vol, name)
-    if _looks_like_labels(vol.array):
+    if _looks_like_labels(vol.array, vol.path):
         return vol.array, kwargs, "labels"
     kwargs.update(colormap="gray", contrast_limits=tuple(DISPLAY_PRESETS[DEFAULT_PRESET]))
     kwargs["metadata"]["propseg_preset"] = DEFAULT_PRESET

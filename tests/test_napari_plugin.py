@@ -124,6 +124,16 @@ def test_reader_bad_file_notifies_and_adds_nothing(tmp_path, monkeypatch):
     assert len(messages) == 2 and "flat.nii.gz" in messages[1]
 
 
+def test_eight_bit_image_is_not_taken_for_labels(tmp_path):
+    grey = np.arange(6 * 20 * 16).reshape(6, 20, 16) % 256
+    vol = Volume.from_array(grey.astype(np.uint8))
+    path = write_volume(vol.array, vol, tmp_path / "grey.nrrd")
+    [(_, _, kind)] = _reader.read_layers(str(path))
+    assert kind == "image"
+    seg = write_volume((grey % 3).astype(np.uint8), vol, tmp_path / "grey_seg.nrrd")
+    assert _reader.read_layers(str(seg))[0][2] == "labels"
+
+
 def test_writer_without_geometry_writes_nothing(tmp_path, monkeypatch):
     messages = []
     monkeypatch.setattr(_writer, "_notify_error", messages.append)

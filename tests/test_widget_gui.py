@@ -296,3 +296,39 @@ def test_real_engine_interp(viewer_widget, qtbot):
     assert widget.last_error is None, widget.last_error
     assert layer.data[12].any(), "a slice between the anchors is filled"
     np.testing.assert_array_equal(layer.data[6], gt[6])
+    np.testing.assert_array_equal(layer.data[18], gt[18])
+    inside = [z for z in range(7, 18) if gt[z].any()]
+    dice = 2 * ((layer.data[inside] > 0) & (gt[inside] > 0)).sum() / ((layer.data[inside] > 0).sum() + (gt[inside] > 0).sum())
+    assert dice > 0.5, f"interpolated foreground Dice {dice:.2f} between the anchors"
+    # the widget shows exactly what the engine computes for these anchors
+    from napari_propseg.session import run_propagation
+
+    seeds = np.zeros_like(gt)
+    seeds[[6, 18]] = gt[[6, 18]]
+    direct = run_propagation(viewer.layers["phantom CT"].data, seeds, [6, 18], method="interp", device="cpu")
+    np.testing.assert_array_equal(layer.data, direct.labels)
+    assert widget.session.confidence is not None and widget.session.confidence.shape == (gt.shape[0],)
+    # check next uses the engine's suggest_next: a non-anchor slice
+    widget.check_next()
+    assert widget.current_z() not in (6, 18)
+    # a screenshot of the widget in use: labels, anchors, confidence plot
+    viewer.layers["phantom labels (ground truth)"].visible = False
+    viewer.dims.current_step = (12, 0, 0)
+    qtbot.wait(200)
+    full = viewer.screenshot(canvas_only=False, flash=False)
+    assert full[..., :3].std() > 20
+    if os.environ.get("PROPSEG_SAVE_SCREENSHOT") == "1":
+        from skimage.io import imsave
+
+        imsave(REPO / "docs" / "screenshot_workflow.png", full, check_contrast=False)
+
+
+def test_suggest_without_weights_notifies(viewer_widget, qtbot, tmp_path, monkeypatch):
+    _viewer, widget = viewer_widget
+    if not widget.suggest_btn.isEnabled():
+        pytest.skip("reference module not installed")
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "no-models"))
+    widget.suggest_btn.click()
+    _wait_idle(qtbot, widget)
+    assert widget.last_error and "weights" in widget.last_error
+    assert len(widget.session.anchors) == 0 and not widget.labels_layer.data.any()
