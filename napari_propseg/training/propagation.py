@@ -41,14 +41,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..errors import CancelledError, InputError
+from ..errors import InputError
 from ..progress import CancelFn, ProgressFn, check_cancel, report
 from .common import (
     CSVLogger,
     barrier,
     ddp_cleanup,
     ddp_setup,
-    is_main_process,
     load_checkpoint,
     save_checkpoint,
     seed_everything,
