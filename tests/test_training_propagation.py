@@ -470,3 +470,15 @@ def test_cli_reference_passes_overrides(tmp_path, monkeypatch):
     entry = c["data"]["labeled"][0]
     assert entry["image"] == str(tmp_path / "cases" / "ct.nii.gz") and entry["labels"] == "missing.nii.gz"
     assert main(["train", "reference", str(cfg), "--variant", "cpu"]) == 2
+
+
+def test_crop_none_keeps_whole_slice():
+    from napari_propseg.phantom import make_phantom
+
+    ct, lab = make_phantom((8, 64, 96), (6.0, 4.0, 4.0), seed=3)
+    whole = D.preprocess_volume(ct.array, lab.array, ct.spacing, 64, crop="none")
+    body = D.preprocess_volume(ct.array, lab.array, ct.spacing, 64, crop="body")
+    assert whole.spacing[1:] == pytest.approx((4.0 * 64 / 64, 4.0 * 96 / 64))
+    assert body.spacing[1] < whole.spacing[2]  # the body box is smaller than the 384 mm field of view
+    with pytest.raises(InputError, match="crop"):
+        D.preprocess_volume(ct.array, lab.array, ct.spacing, 64, crop="tight")

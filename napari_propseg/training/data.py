@@ -4,6 +4,7 @@ Config (the ``data`` part of a training YAML/JSON; see
 ``models/propagation/train_default.yaml``)::
 
     resolution: 128              # working size (H = W) every slice is resized to
+    crop: body                   # "body" (bounding box of the body) or "none" (whole slice)
     data_root: ../../../shared/data   # optional; relative to the config file
     cases:                       # training volumes
       - image: totalseg_example/example_ct_dicom        # file or DICOM folder
@@ -107,6 +108,7 @@ class TrainingData:
     phantoms: list[CaseData] = field(default_factory=list)
     validation: list[CaseData] = field(default_factory=list)
     phantom_ratio: float = 0.0
+    crop: str = "body"
 
     def summary(self) -> str:
         def names(cs):
@@ -158,21 +160,29 @@ def _crop_pad(arr: np.ndarray, box: tuple[int, int, int, int], fill) -> np.ndarr
     return out
 
 
-def preprocess_volume(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float], resolution: int, *, name: str = "", kind: str = "real") -> CaseData:
-    """Crop to the body, window into 3 channels and resize every slice.
+def preprocess_volume(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float], resolution: int, *, name: str = "",
+                      kind: str = "real", crop: str = "body") -> CaseData:
+    """Crop to the body, resize every slice and window into 3 channels.
 
     Args:
         hu: (Z, Y, X) CT in HU (canonical LPS).
         labels: (Z, Y, X) integer FLARE ids on the same grid.
         spacing: (sz, sy, sx) mm.
         resolution: output slice size R.
+        crop: ``"body"`` (:func:`body_bbox`) or ``"none"`` (whole slice, as an inference
+            engine that does not crop sees it). Must match what inference does.
 
     Returns:
         :class:`CaseData` with (Z, 3, R, R) float16 image and (Z, R, R) uint8 labels.
     """
     if hu.shape != labels.shape:
         raise InputError(f"Image and labels of {name or 'a case'} have different shapes {hu.shape} and {labels.shape}; give labels on the image's grid.")
-    box = body_bbox(hu, spacing)
+    if crop == "body":
+        box = body_bbox(hu, spacing)
+    elif crop == "none":
+        box = (0, hu.shape[1], 0, hu.shape[2])
+    else:
+        raise InputError(f"Data option crop={crop!r} is unknown; use 'body' or 'none'.")
     hu_c = _crop_pad(np.asarray(hu), box, -1000)
     lab_c = _crop_pad(np.asarray(labels), box, 0)
     z = hu.shape[0]
@@ -258,7 +268,7 @@ def _label_table(label_names: str, labels_path: str) -> dict[int, str] | None:
     return read_label_map(path, key=map_key or None)
 
 
-def load_case(case: Mapping[str, Any], resolution: int) -> CaseData:
+def load_case(case: Mapping[str, Any], resolution: int, *, crop: str = "body") -> CaseData:
     """Read, map to FLARE ids and preprocess one ``{image, labels, label_names}`` entry."""
     from ..io import read_labels, read_volume
     from ..labelmap import map_totalsegmentator
@@ -270,7 +280,7 @@ def load_case(case: Mapping[str, Any], resolution: int) -> CaseData:
     if int(np.max(ids)) > 255:
         raise InputError(f"Labels {case['labels']} hold ids above 255; map them to FLARE ids with label_names.")
     name = case.get("name") or Path(case["image"]).name.split(".")[0]
-    out = preprocess_volume(vol.array, ids.astype(np.uint8), vol.spacing, resolution, name=name)
+    out = preprocess_volume(vol.array, ids.astype(np.uint8), vol.spacing, resolution, name=name, crop=crop)
     present = sorted(set(np.unique(out.labels).tolist()) - {0})
     log.info("case %s: %d slices, spacing %s, labels %s", name, out.depth, tuple(round(s, 2) for s in out.spacing), present)
     if not present:
@@ -278,7 +288,7 @@ def load_case(case: Mapping[str, Any], resolution: int) -> CaseData:
     return out
 
 
-def make_phantom_cases(spec: Mapping[str, Any] | None, resolution: int, progress=None) -> list[CaseData]:
+def make_phantom_cases(spec: Mapping[str, Any] | None, resolution: int, progress=None, *, crop: str = "body") -> list[CaseData]:
     """Synthetic phantoms ``{count, shape, spacing, seed}`` preprocessed like real cases."""
     from ..phantom import make_phantom
 
@@ -290,7 +300,7 @@ def make_phantom_cases(spec: Mapping[str, Any] | None, resolution: int, progress
     out = []
     for i in range(count):
         ct, lab = make_phantom(shape, spacing, seed=seed0 + i)
-        out.append(preprocess_volume(ct.array, lab.array, ct.spacing, resolution, name=f"phantom_{seed0 + i}", kind="phantom"))
+        out.append(preprocess_volume(ct.array, lab.array, ct.spacing, resolution, name=f"phantom_{seed0 + i}", kind="phantom", crop=crop))
         if progress is not None:
             progress(i + 1, count, "phantoms")
     return out
@@ -302,10 +312,11 @@ def build_training_data(config: Mapping[str, Any], *, progress=None) -> Training
     if res < 32 or res % 16:
         raise InputError(f"resolution {res} is not usable; give a multiple of 16, at least 32 (e.g. 128).")
     ph = dict(config.get("phantoms") or {})
-    data = TrainingData(resolution=res, phantom_ratio=float(ph.get("ratio", 0.0)))
-    data.cases = [load_case(c, res) for c in config.get("cases") or []]
-    data.validation = [load_case(c, res) for c in config.get("validation") or []]
-    data.phantoms = make_phantom_cases(ph, res, progress=progress)
+    crop = str(config.get("crop", "body"))
+    data = TrainingData(resolution=res, phantom_ratio=float(ph.get("ratio", 0.0)), crop=crop)
+    data.cases = [load_case(c, res, crop=crop) for c in config.get("cases") or []]
+    data.validation = [load_case(c, res, crop=crop) for c in config.get("validation") or []]
+    data.phantoms = make_phantom_cases(ph, res, progress=progress, crop=crop)
     if not data.cases and not data.phantoms:
         raise InputError("The data config lists no training case and no phantoms; add 'cases' or 'phantoms: {count: N}'.")
     if not data.cases:
@@ -324,7 +335,7 @@ def save_cache(data: TrainingData, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"format": CACHE_FORMAT, "resolution": data.resolution, "phantom_ratio": data.phantom_ratio, "sets": {}}
+    meta: dict[str, Any] = {"format": CACHE_FORMAT, "resolution": data.resolution, "phantom_ratio": data.phantom_ratio, "crop": data.crop, "sets": {}}
     for set_name in ("cases", "phantoms", "validation"):
         entries = []
         for i, c in enumerate(getattr(data, set_name)):
@@ -360,7 +371,7 @@ def load_cache(path: str | os.PathLike, *, resolution: int | None = None) -> Tra
         raise InputError(f"{path} is not a propseg training cache; rebuild it with --cache-out.")
     if resolution is not None and int(meta["resolution"]) != int(resolution):
         raise InputError(f"Training cache {path} was made at resolution {meta['resolution']}, the config asks for {resolution}; rebuild the cache or change the config.")
-    data = TrainingData(resolution=int(meta["resolution"]), phantom_ratio=float(meta["phantom_ratio"]))
+    data = TrainingData(resolution=int(meta["resolution"]), phantom_ratio=float(meta["phantom_ratio"]), crop=str(meta.get("crop", "body")))
     for set_name, entries in meta["sets"].items():
         getattr(data, set_name).extend(
             CaseData(name=e["name"], image=window_slices(z[f"{set_name}_{i}_hu"]), labels=z[f"{set_name}_{i}_labels"],

@@ -416,6 +416,8 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
         data = load_cache(cache, resolution=cfg["resolution"]) if cache is not None else build_training_data(cfg["data"])
     if data.resolution != cfg["resolution"]:
         raise InputError(f"The training data are at resolution {data.resolution} but the config asks for {cfg['resolution']}; rebuild the cache.")
+    if data.crop != str(cfg["data"].get("crop", "body")):
+        raise InputError(f"The training data were cropped with crop={data.crop!r} but the config asks for {cfg['data'].get('crop', 'body')!r}; rebuild the cache.")
 
     # model, optimisation
     seed_everything(cfg["seed"])
@@ -602,7 +604,7 @@ def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, ca
             "wall_seconds_this_session": round(time.time() - t_start, 1),
             "torch": str(torch.__version__),
             "preprocessing": {
-                "crop": "training.data.body_bbox: HU > -500 in >= 10% of slices, largest component, 4% margin, square in mm, air padding",
+                "crop": data.crop,  # "body": training.data.body_bbox (HU > -500 in >= 10% of slices, largest component, 4% margin, square in mm, air padding); "none": whole slice
                 "resize": "bilinear on HU to resolution x resolution, then window_ct (abdomen, chest, bone)",
             },
         }
