@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGridLayout,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
@@ -317,8 +316,8 @@ class PropSegWidget(QWidget):
             if current in names:
                 combo.setCurrentText(current)
             elif combo is self.labels_combo:
-                # default: an existing Labels layer on the image's grid drawn by the user
-                # is preferred over ground truth; otherwise a new one.
+                # default: a new Labels layer on the image's grid (an existing one, e.g. a
+                # ground truth opened beside the CT, is only used when picked).
                 combo.setCurrentText(NEW_LABELS)
             combo.blockSignals(False)
         self._bind_layers(allow_new=False)
@@ -389,6 +388,7 @@ class PropSegWidget(QWidget):
         self.anchor_list.clear()
 
     def _new_labels_layer(self, image):
+        """A Labels layer on the image's grid (uint8: up to 255 label ids) with its geometry."""
         data = np.zeros(image.data.shape, dtype=np.uint8)
         meta = {}
         if META_KEY in image.metadata:
@@ -606,7 +606,6 @@ class PropSegWidget(QWidget):
         self.anchor_list.clear()
         if self.session is None:
             return
-        conf = self.session.confidence
         for z, status in self.session.anchors.items():
             item = QListWidgetItem(f"slice {z:4d}   {status}")
             item.setData(Qt.ItemDataRole.UserRole, z)
@@ -616,7 +615,6 @@ class PropSegWidget(QWidget):
         self.lock_btn.setText(f"Lock label (locked: {locked})")
         self._update_plot()
         self._mark_anchors_on_layer()
-        _ = conf
 
     def _mark_anchors_on_layer(self) -> None:
         """Show the anchors as a points overlay at the volume's corner on each anchor slice."""

@@ -19,6 +19,11 @@ STAMP="$VENV/.propseg-install-stamp"
 
 _log() { echo "[propseg] $*" >&2; }
 
+# pip, minus the warnings about index folders that do not exist on this machine.
+_pip() {
+    "$PY" -m pip "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
+
 _want_stamp() {
     { sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1; "$PY" -c 'import sys; print(sys.version)'; echo "$REPO"; } \
         | sha256sum | cut -d' ' -f1
@@ -36,10 +41,10 @@ _install_torch() {
     done
     if [ -n "$wheel" ]; then
         _log "installing torch from the local wheel $wheel"
-        "$PY" -m pip install --quiet "$wheel"
+        _pip install --quiet "$wheel"
     else
         _log "installing torch==$TORCH_VERSION (CPU build) from download.pytorch.org"
-        "$PY" -m pip install --quiet "torch==$TORCH_VERSION" \
+        _pip install --quiet "torch==$TORCH_VERSION" \
             --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
     fi
 }
@@ -58,7 +63,7 @@ propseg_setup() {
     fi
     _log "installing napari-propseg and its dependencies into $VENV (first run: a few minutes)"
     _install_torch || return 2
-    "$PY" -m pip install --quiet -e "$REPO[pyqt6,dev]" || return 2
+    _pip install --quiet -e "$REPO[pyqt6,dev]" || return 2
     "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" \
         || { _log "torch is not $TORCH_VERSION after the install; refusing to continue"; return 2; }
     echo "$want" > "$STAMP"
