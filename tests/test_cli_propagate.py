@@ -1,6 +1,8 @@
 """`propseg propagate`: end to end on small files, and exit code 2 with one sentence on bad input."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -95,8 +97,6 @@ def test_no_anchors(case, capsys):
 def test_bad_slices(case, capsys, slices, match):
     d, _, _ = case
     assert _run(d, "--slices", slices) == 2
-    import re
-
     assert re.search(match, _one_sentence_error(capsys))
 
 
