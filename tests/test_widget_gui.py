@@ -332,3 +332,47 @@ def test_suggest_without_weights_notifies(viewer_widget, qtbot, tmp_path, monkey
     _wait_idle(qtbot, widget)
     assert widget.last_error and "weights" in widget.last_error
     assert len(widget.session.anchors) == 0 and not widget.labels_layer.data.any()
+
+
+def test_locked_label_survives_propagation(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    import napari_propseg._widget as w
+
+    class Overwriter(CopyNearestEngine):
+        def propagate(self, labels, anchors, *, locked_labels=(), progress=None, cancel=None):
+            out = np.full_like(labels, 2)  # an engine that ignores locks entirely
+            return SimpleNamespace(labels=out, confidence=np.ones(len(labels)), computed=[], seconds=0.0)
+
+    monkeypatch.setattr(w, "make_engine", lambda vol, method, device: Overwriter(vol, method, device))
+    layer = widget.labels_layer
+    layer.data[10, 5:9, 5:9] = 7  # drawn earlier, not an anchor
+    _paint_slice(layer, 4, np.pad(np.ones((4, 4), np.uint8), ((40, 52), (40, 52))))
+    widget.flush_edits()
+    layer.selected_label = 7
+    widget.lock_btn.click()
+    assert widget.session.locked == {7} and "7" in widget.lock_btn.text()
+    widget.propagate()
+    _wait_idle(qtbot, widget)
+    assert (layer.data[10, 5:9, 5:9] == 7).all()
+    assert (layer.data[4, 40:44, 40:44] == 1).all() and (layer.data[4] != 2).all(), "anchor kept"
+    assert (layer.data[12] == 2).all()
+
+
+def test_napari_save_uses_our_writer_for_a_plain_labels_layer(viewer_widget, tmp_path):
+    """A Labels layer made with napari's own button (no geometry in its metadata) is
+    still written on the CT's grid: the writer finds the image of the same shape."""
+    viewer, _widget = viewer_widget
+    from napari_propseg.io import read_labels
+    from napari_propseg.phantom import make_phantom
+
+    data = np.zeros(SMALL["shape"], np.uint8)
+    data[5, 10:20, 30:40] = 4
+    plain = viewer.add_labels(data, name="plain")
+    viewer.layers.selection.active = plain
+    out = tmp_path / "plain.nrrd"
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-propseg")
+    assert written == [str(out)]
+    ct, _ = make_phantom(**SMALL)
+    back = read_labels(out, ct)
+    np.testing.assert_array_equal(back.array, data)
+    assert back.spacing == ct.spacing
