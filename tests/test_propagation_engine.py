@@ -285,3 +285,27 @@ def test_interp_confidence_points_at_the_gap_middle():
     res = eng.propagate(lab, [1, 10])
     assert eng.suggest_next(res.confidence, [1, 10]) in (5, 6)
     assert engine_mod.UNKNOWN_CONFIDENCE == res.confidence[0]  # below the anchors: label may continue
+
+
+def test_body_crop_repeated_from_training_meta(tmp_path):
+    """Weights trained on body crops see the same crop at inference; outside it is background."""
+    torch.manual_seed(0)
+    net = build_stcn(dict(CPU_CONFIG, resolution=RES))
+    meta = {"preprocessing": {"crop": "body"}}
+    w = save_weights(tmp_path / "crop.pt", "stcn", net.config, net.state_dict(), meta)
+    vol = np.full((8, 40, 48), -1000, np.float32)
+    vol[:, 10:30, 12:36] = 40  # the body
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[2, 14:24, 16:28] = 1
+    lab[6, 15:25, 17:29] = 1
+    eng = PropagationEngine(vol, weights=str(w), device="cpu", spacing=(2.0, 1.0, 1.0))
+    y0, y1, x0, x1 = eng.box
+    assert y0 <= 10 and y1 >= 30 and x0 <= 12 and x1 >= 36 and (y1 - y0, x1 - x0) != vol.shape[1:]
+    res = eng.propagate(lab, [2, 6])
+    assert np.array_equal(res.labels[2], lab[2]) and np.array_equal(res.labels[6], lab[6])
+    outside = np.ones(vol.shape[1:], bool)
+    outside[max(0, y0):y1, max(0, x0):x1] = False
+    assert not res.labels[:, outside].any()
+    bad = save_weights(tmp_path / "bad.pt", "stcn", net.config, net.state_dict(), {"preprocessing": {"crop": "lungs"}})
+    with pytest.raises(InputError, match="crop='lungs'"):
+        PropagationEngine(vol, weights=str(bad), device="cpu")

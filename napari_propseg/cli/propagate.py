@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not anchors:
         raise InputError(f"The seed file {args.seeds} holds no labelled slice; label at least one slice or pass --slices.")
     locked = parse_ids(args.lock, "--lock")
-    engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device)
+    engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing)
     progress = None if args.quiet else ProgressBar(sys.stderr)
     result = engine.propagate(seeds.array, anchors, locked_labels=locked, progress=progress)
     out = write_labels(result.labels, image, args.out)

@@ -169,6 +169,8 @@ class PropagationEngine:
             on every pixel.
         stop_patience: outward propagation of a label stops after this many consecutive
             absent slices.
+        spacing: (sz, sy, sx) mm of the volume; only used to square the body crop in mm
+            when the weights were trained on body crops (square pixels assumed if None).
 
     Raises:
         InputError: bad volume or parameter, an unknown method or device, no trained
@@ -186,6 +188,7 @@ class PropagationEngine:
         memory_cap: int = 16,
         stop_threshold: float = 0.5,
         stop_patience: int = 3,
+        spacing: Sequence[float] | None = None,
     ) -> None:
         vol = np.asarray(volume_hu)
         if vol.ndim != 3 or min(vol.shape) < 1:
@@ -215,6 +218,7 @@ class PropagationEngine:
                 )
             self.model = load_stcn(path).to(self.device).eval()
             self.weights_path = path
+        self.box = self._body_box(spacing)
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
         self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -337,16 +341,47 @@ class PropagationEngine:
         return conf
 
     # ------------------------------------------------------------------ STCN
+    def _body_box(self, spacing: Sequence[float] | None) -> tuple[int, int, int, int] | None:
+        """The body crop the network was trained on (``meta['preprocessing']['crop']``), or None.
+
+        Weights trained on body crops (:func:`napari_propseg.training.data.body_bbox`) see
+        the same crop here, so slices have the field of view the network learned.
+        """
+        meta = getattr(self.model, "meta", None) or {}
+        crop = (meta.get("preprocessing") or {}).get("crop", "none")
+        if self.model is None or crop == "none":
+            return None
+        if crop != "body":
+            raise InputError(f"Weights {self.weights_path} were trained with crop={crop!r}, which this version cannot repeat; retrain with crop 'body' or 'none'.")
+        from ..training.data import body_bbox
+
+        box = body_bbox(self.volume_hu, tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0))
+        log.info("propagation works on the body crop y %d:%d, x %d:%d", *box)
+        return box
+
+    def _crop(self, sl: np.ndarray, fill: float) -> np.ndarray:
+        """(Y, X) slice cropped to the body box (padded with ``fill`` where it leaves the slice)."""
+        if self.box is None:
+            return sl
+        y0, y1, x0, x1 = self.box
+        h, w = sl.shape
+        out = sl[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+        pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)))
+        return np.pad(out, pad, constant_values=fill) if any(p for ax in pad for p in ax) else out
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _frame(self, z: int) -> torch.Tensor:
-        """(1, 3, R, R) windowed, resized slice on the device."""
+        """(1, 3, R, R) network input: (body crop,) HU resized bilinearly to R x R, then windowed.
+
+        The same order as the training data (:mod:`napari_propseg.training.data`).
+        """
         r = self.model.resolution
-        hu = torch.from_numpy(np.ascontiguousarray(self.volume_hu[z], dtype=np.float32)).to(self.device)
-        return resize_slices(window_ct(hu), (r, r), mode="bilinear").unsqueeze(0)
+        hu = np.ascontiguousarray(self._crop(self.volume_hu[z], -1000.0), dtype=np.float32)
+        return window_ct(resize_slices(torch.from_numpy(hu).to(self.device), (r, r), mode="bilinear")).unsqueeze(0)
 
     def _features(self, z: int) -> tuple[torch.Tensor, ...]:
         """Cached (key, f16, f8, f4) of slice z, each (1, C, h, w); encoded on first use."""
@@ -361,7 +396,7 @@ class PropagationEngine:
     def _masks(self, label_slice: np.ndarray, objects: Sequence[int]) -> torch.Tensor:
         """(1, K, R, R) soft masks of the objects on one slice at working resolution."""
         r = self.model.resolution
-        lab = torch.from_numpy(np.ascontiguousarray(label_slice).astype(np.int64)).to(self.device)
+        lab = torch.from_numpy(np.ascontiguousarray(self._crop(label_slice, 0)).astype(np.int64)).to(self.device)
         ids = torch.as_tensor(list(objects), dtype=torch.int64, device=self.device)
         onehot = (lab[None] == ids[:, None, None]).to(torch.float32)  # K, Y, X
         return resize_slices(onehot, (r, r), mode="bilinear").clamp_(0.0, 1.0).unsqueeze(0)
@@ -500,9 +535,13 @@ class PropagationEngine:
 
     def _finish(self, z, p, objects, labels, locked, out, fused) -> None:
         """Upsample fused (K+1, R, R) probabilities, arg-max into label ids, keep locked voxels."""
-        full = F.interpolate(p.unsqueeze(0), size=labels.shape[1:], mode="bilinear", align_corners=False)[0]
+        h, w = labels.shape[1:]
+        y0, y1, x0, x1 = self.box if self.box is not None else (0, h, 0, w)
+        full = F.interpolate(p.unsqueeze(0), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
         lut = torch.as_tensor([0] + list(objects), dtype=torch.int64, device=p.device)
-        lab = lut[full.argmax(dim=0)].cpu().numpy().astype(labels.dtype)
+        crop = lut[full.argmax(dim=0)].cpu().numpy().astype(labels.dtype)
+        lab = np.zeros((h, w), dtype=labels.dtype)  # outside the body crop: background
+        lab[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = crop[max(0, -y0):crop.shape[0] - max(0, y1 - h), max(0, -x0):crop.shape[1] - max(0, x1 - w)]
         if locked.size:
             keep = np.isin(labels[z], locked)
             lab[keep] = labels[z][keep]

@@ -451,7 +451,8 @@ def load_stcn(path: str | os.PathLike) -> STCN:
     """Load an STCN weight file written by :func:`napari_propseg.weights.save_weights`.
 
     The architecture is rebuilt from the file's config, then the state dict is loaded
-    strictly (every mismatching key is logged). The model is returned in eval mode on CPU.
+    strictly (every mismatching key is logged). The model is returned in eval mode on CPU,
+    with the file's ``meta`` dict as ``model.meta``.
 
     Raises:
         InputError: missing/unreadable file, not STCN weights, a config this version
@@ -466,5 +467,6 @@ def load_stcn(path: str | os.PathLike) -> STCN:
         raise InputError(f"Weight file {path} has an STCN config this version cannot build ({exc}); pass weights written by 'propseg train'.") from exc
     load_state_checked(net, state, path)
     net.eval()
+    net.meta = dict(meta)  # provenance, incl. the training preprocessing (crop) inference must repeat
     log.info("loaded STCN weights %s (%s key encoder, %d px; meta %s)", path, net.config["key_backbone"], net.resolution, {k: meta[k] for k in list(meta)[:5]})
     return net
