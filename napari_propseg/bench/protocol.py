@@ -372,6 +372,8 @@ def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None
     kwargs: dict[str, Any] = {"method": method, "device": device}
     if weights is not None:
         kwargs["weights"] = weights
+    if spacing is not None:
+        kwargs["spacing"] = tuple(float(v) for v in spacing)
     return PropagationEngine(image_hu, **kwargs)
 
 

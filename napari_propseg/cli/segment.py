@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", progress=None, cancel=None):
+def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", spacing=None, progress=None, cancel=None):
     """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``."""
     from ..reference.inference import suggest_slices
 
@@ -46,7 +46,7 @@ def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device
         from ..propagation.engine import PropagationEngine
     except ImportError as exc:  # pragma: no cover - only before the engine exists
         raise InputError(f"The propagation engine is not available ({exc}); use 'propseg suggest' instead.") from exc
-    engine = PropagationEngine(volume_hu, method=method, device=device)
+    engine = PropagationEngine(volume_hu, method=method, device=device, spacing=spacing)
     kwargs = {}
     params = inspect.signature(engine.propagate).parameters
     if "progress" in params:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k is not None and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
     vol = read_volume(args.image, series_uid=args.series)
-    labels, sug = segment(vol.array, weights=args.weights, k=args.k, scan=args.scan, method=args.method,
+    labels, sug = segment(vol.array, weights=args.weights, k=args.k, scan=args.scan, method=args.method, spacing=vol.spacing,
                           device=args.device, progress=stderr_bar)
     if args.seeds:
         write_suggestion(sug, vol, args.seeds, args.weights)
