@@ -653,7 +653,8 @@ def find_session(geometry: dict, folder: str | os.PathLike | None = None) -> Pat
 def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
                     device: str = "auto", changed: Sequence[int] | None = None, locked_labels: Iterable[int] = (),
                     progress: ProgressFn = None, cancel: CancelFn = None,
-                    engine: Any = None, engine_factory: Callable[..., Any] | None = None) -> Any:
+                    engine: Any = None, engine_factory: Callable[..., Any] | None = None,
+                    spacing: Sequence[float] | None = None) -> Any:
     """Run the propagation engine (blocking; the widget calls it in a worker thread).
 
     Args:
@@ -671,13 +672,16 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
             reuses it and its cached slice features); built when None.
         engine_factory: for tests; defaults to
             :class:`napari_propseg.propagation.engine.PropagationEngine`.
+        spacing: ``(sz, sy, sx)`` voxel size in mm of ``volume_hu`` (e.g. the session
+            geometry's ``spacing``), so the engine's body crop is right for non-square
+            pixels; used only when the engine is built here.
 
     Returns:
         The engine's ``PropagationResult`` (``labels``, ``confidence``, ``computed``,
         ``seconds``).
     """
     if engine is None:
-        engine = make_engine(volume_hu, method=method, device=device, engine_factory=engine_factory)
+        engine = make_engine(volume_hu, method=method, device=device, engine_factory=engine_factory, spacing=spacing)
     locked = tuple(int(i) for i in locked_labels)
     if changed:
         return engine.repropagate(labels, anchors, list(changed), locked_labels=locked, progress=progress, cancel=cancel)
@@ -685,8 +689,13 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
 
 
 def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "auto",
-                engine_factory: Callable[..., Any] | None = None) -> Any:
-    """Build the propagation engine for one volume (see :func:`run_propagation`)."""
+                engine_factory: Callable[..., Any] | None = None,
+                spacing: Sequence[float] | None = None) -> Any:
+    """Build the propagation engine for one volume (see :func:`run_propagation`).
+
+    ``spacing`` ``(sz, sy, sx)`` in mm is passed to the factory only when given, so
+    factories that do not take it keep working.
+    """
     if engine_factory is None:
         try:
             from .propagation.engine import PropagationEngine as engine_factory  # noqa: N813
@@ -694,7 +703,10 @@ def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "a
             raise InputError(
                 "The propagation engine is not available in this installation; reinstall napari-propseg."
             ) from exc
-    return engine_factory(volume_hu, method=method, device=device)
+    kwargs: dict[str, Any] = {"method": method, "device": device}
+    if spacing is not None:
+        kwargs["spacing"] = tuple(float(v) for v in spacing)
+    return engine_factory(volume_hu, **kwargs)
 
 
 # --------------------------------------------------------------------------- files
@@ -702,32 +714,28 @@ def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "a
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def _atomic_write(path: Path, write: Callable[[Any], Any], *, suffix: str = "") -> None:
+    """Write ``path`` through ``write(binary file)`` into a temporary file, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), suffix=".npz")

@@ -46,7 +46,8 @@ from .protocol import (
     foreground_extent,
     make_seeds,
     make_stcn_engine,
-    write_json,
+    save_figure,
+    write_report,
 )
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,10 @@ def _choose(policy: str, candidates: list[int], *, pred, gt, engine, confidence,
     raise InputError(f"Unknown correction policy {policy!r}; choose from {', '.join(POLICIES)}.")
 
 
-def _default_factory(image_hu: np.ndarray, weights, device: str) -> EngineFactory:
+def _default_factory(image_hu: np.ndarray, weights, device: str, spacing: Sequence[float] | None = None) -> EngineFactory:
     def make(method: str):
-        return make_stcn_engine(image_hu, method=method, weights=weights if method == "stcn" else None, device=device)
+        return make_stcn_engine(image_hu, method=method, weights=weights if method == "stcn" else None, device=device,
+                                spacing=spacing)
 
     return make
 
@@ -175,7 +177,7 @@ def run_loop(
     Args:
         image_hu: CT in HU, shape (Z, Y, X).
         gt: ground-truth labels, shape (Z, Y, X), integer.
-        spacing: (sz, sy, sx) in mm (recorded).
+        spacing: (sz, sy, sx) in mm (recorded, and given to the default engine factory).
         methods: engine methods (``stcn``, ``interp``).
         policies: subset of :data:`POLICIES`.
         k: number of evenly spaced GT start slices (ignored with ``initial``).
@@ -188,7 +190,7 @@ def run_loop(
         seed: seed of the ``random`` policy.
         case: case name for the report.
         engine_factory: ``method -> engine`` (default: ``PropagationEngine(image_hu,
-            method=..., weights=..., device=...)``). An engine has ``propagate(labels,
+            method=..., weights=..., device=..., spacing=...)``). An engine has ``propagate(labels,
             anchors)`` and ``repropagate(labels, anchors, changed=[z])`` returning an
             object with ``labels`` (Z, Y, X) and ``confidence`` (Z,), and
             ``suggest_next(confidence, anchors) -> int | None``.
@@ -221,7 +223,7 @@ def run_loop(
             raise InputError(f"The initial label volume has shape {labels0.shape}, the ground truth {gt.shape}; they must match.")
         start = f"given initial labels with {len(anchors0)} anchor slices"
     cap = z if max_rounds is None else int(max_rounds)
-    factory = engine_factory or _default_factory(image_hu, weights, device)
+    factory = engine_factory or _default_factory(image_hu, weights, device, spacing)
     out: dict[str, Any] = {
         "case": case, "shape": list(gt.shape), "spacing": [float(s) for s in spacing],
         "start": start, "start_slices": anchors0, "targets": [float(t) for t in targets],
@@ -375,24 +377,11 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
         ax.set_title(f"{res['case']} (start: {res['start']})", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_loop_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                       machine: str = "", stem: str = "loop") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": "PROTOCOL.md section 2", "machine": machine,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": list(results)}
-    paths = {"json": write_json(payload, out / f"{stem}.json"), "png": plot_loop(results, out / f"{stem}.png")}
-    md = out / f"{stem}.md"
-    md.write_text(loop_markdown(results, machine) + "\n", encoding="utf-8")
-    paths["md"] = md
-    return paths
+    return write_report(results, out_dir, section="PROTOCOL.md section 2", machine=machine, stem=stem,
+                        plot=plot_loop, markdown=loop_markdown)

@@ -366,7 +366,11 @@ def _method_mci(image_hu, seeds, anchors, **_) -> np.ndarray:
 
 
 def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None, device: str = "cpu", spacing=None):
-    """Build a ``PropagationEngine``; raises ``InputError`` (e.g. no weights) or ImportError."""
+    """Build a ``PropagationEngine``; raises ``InputError`` (e.g. no weights) or ImportError.
+
+    ``spacing`` (sz, sy, sx) in mm is forwarded when given (the engine's body crop needs it
+    for non-square pixels).
+    """
     from ..propagation.engine import PropagationEngine
 
     kwargs: dict[str, Any] = {"method": method, "device": device}
@@ -419,7 +423,7 @@ def run_k_slice(
     Args:
         image_hu: CT volume in HU, shape (Z, Y, X) (only ``stcn`` looks at it).
         gt: ground-truth labels, shape (Z, Y, X), integer.
-        spacing: (sz, sy, sx) in mm (recorded).
+        spacing: (sz, sy, sx) in mm (recorded, and given to the STCN engine).
         ks: numbers of evenly spaced reference slices.
         methods: subset of :data:`ALL_METHODS`.
         case: case name for the report.
@@ -472,7 +476,7 @@ def run_k_slice(
             try:
                 if m == "stcn":
                     t0 = time.perf_counter()
-                    extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device)
+                    extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device, spacing=spacing)
                     setup = time.perf_counter() - t0
                 elif m == "mci":
                     _warm_itk()
@@ -571,6 +575,45 @@ def k_slice_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") ->
     return "\n".join(lines)
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out a matplotlib ``Figure`` and write it atomically to ``path`` (parents created)."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, section: str, machine: str,
+                 stem: str, plot: Callable[[Sequence[Mapping[str, Any]], Path], Path],
+                 markdown: Callable[[Sequence[Mapping[str, Any]], str], str]) -> dict[str, Path]:
+    """Write a benchmark's ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``.
+
+    Args:
+        results: one result dict per case.
+        out_dir: folder (created).
+        section: the protocol section, recorded in the JSON.
+        machine: machine description, recorded in the JSON and the markdown.
+        stem: file name stem.
+        plot: ``(results, png_path) -> png_path``.
+        markdown: ``(results, machine) -> markdown text``.
+
+    Returns:
+        ``{"json": path, "png": path, "md": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"protocol": section, "machine": machine,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": list(results)}
+    paths = {"json": write_json(payload, out / f"{stem}.json"), "png": plot(results, out / f"{stem}.png")}
+    md = out / f"{stem}.md"
+    md.write_text(markdown(results, machine) + "\n", encoding="utf-8")
+    paths["md"] = md
+    return paths
+
+
 def plot_k_slice(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """PNG: mean Dice against k, one line per method, one panel per case (Agg backend)."""
     import matplotlib
@@ -599,13 +642,7 @@ def plot_k_slice(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
         ax.set_title(res["case"], fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_k_slice_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
@@ -615,15 +652,8 @@ def write_k_slice_report(results: Sequence[Mapping[str, Any]], out_dir: str | os
     Returns:
         ``{"json": path, "png": path, "md": path}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": "PROTOCOL.md section 1", "machine": machine,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": list(results)}
-    paths = {"json": write_json(payload, out / f"{stem}.json"), "png": plot_k_slice(results, out / f"{stem}.png")}
-    md = out / f"{stem}.md"
-    md.write_text(k_slice_markdown(results, machine) + "\n", encoding="utf-8")
-    paths["md"] = md
-    return paths
+    return write_report(results, out_dir, section="PROTOCOL.md section 1", machine=machine, stem=stem,
+                        plot=plot_k_slice, markdown=k_slice_markdown)
 
 
 def machine_description() -> str:
@@ -664,6 +694,7 @@ def run_speed(
     device: str = "cpu",
     threads: int | None = 2,
     case: str = "case",
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """PROTOCOL.md section 3: propagate every label through a volume, then re-propagate
     after one corrected slice; wall-clock seconds and peak resident memory.
@@ -679,6 +710,8 @@ def run_speed(
         weights, device: for the engine.
         threads: torch CPU threads (PROTOCOL: 2); ``None`` leaves them as they are.
         case: name for the report.
+        spacing: (sz, sy, sx) in mm of the volume, for the engine's body crop
+            (``None``: the engine's default).
 
     Returns:
         ``{"case", "shape", "method", "device", "threads", "anchors", "setup_seconds",
@@ -702,7 +735,7 @@ def run_speed(
     seeds = make_seeds(gt, anchors)
     t0 = time.perf_counter()
     try:
-        engine = make_stcn_engine(np.asarray(image_hu), method=method, weights=weights, device=device)
+        engine = make_stcn_engine(np.asarray(image_hu), method=method, weights=weights, device=device, spacing=spacing)
     except ImportError as exc:
         raise InputError(f"The propagation engine is not available ({exc}); install napari-propseg completely.") from exc
     setup = time.perf_counter() - t0

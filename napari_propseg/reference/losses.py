@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..training.losses import lovasz_softmax_flat
+
 LOSSES = ("dice_ce", "godc_ce", "dice", "ce", "lovasz", "lovasz_ce")
 
 
@@ -141,20 +143,11 @@ def ce_loss(logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor 
     return F.cross_entropy(logits, target.long(), weight=weight)
 
 
-def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors."""
-    p = gt_sorted.numel()
-    gts = gt_sorted.sum()
-    intersection = gts - gt_sorted.cumsum(0)
-    union = gts + (1.0 - gt_sorted).cumsum(0)
-    jaccard = 1.0 - intersection / union
-    if p > 1:
-        jaccard[1:p] = jaccard[1:p] - jaccard[0:-1]
-    return jaccard
-
-
 def lovasz_softmax_probs(probs: torch.Tensor, target: torch.Tensor, *, classes: str = "present") -> torch.Tensor:
     """Lovasz-softmax from probabilities ``(B, C, H, W)`` over all pixels of the batch.
+
+    Shares the Lovasz extension with the propagation losses
+    (:func:`napari_propseg.training.losses.lovasz_softmax_flat`).
 
     Args:
         probs: probabilities.
@@ -162,19 +155,7 @@ def lovasz_softmax_probs(probs: torch.Tensor, target: torch.Tensor, *, classes: 
         classes: ``"present"`` (classes in the target) or ``"all"``.
     """
     c = probs.shape[1]
-    p = probs.permute(0, 2, 3, 1).reshape(-1, c)
-    t = target.reshape(-1).long()
-    losses = []
-    for k in range(c):
-        fg = (t == k).to(p.dtype)
-        if classes == "present" and fg.sum() == 0:
-            continue
-        errors = (fg - p[:, k]).abs()
-        errors_sorted, perm = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[perm])))
-    if not losses:
-        return probs.sum() * 0.0
-    return torch.stack(losses).mean()
+    return lovasz_softmax_flat(probs.permute(0, 2, 3, 1).reshape(-1, c), target.reshape(-1).long(), classes=classes)
 
 
 def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, *, classes: str = "present") -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Training plumbing shared by the propagation and reference trainers (no Qt).
 
+* :func:`read_config_file` reads a YAML or JSON training config into a dict.
 * :func:`seed_everything` seeds python, numpy and torch.
 * :func:`save_checkpoint` / :func:`load_checkpoint`: **resumable** checkpoints (model,
   optimizer, scheduler, step, config and the python/numpy/torch RNG states), written
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import random
@@ -37,6 +39,41 @@ log = logging.getLogger(__name__)
 
 #: Header of a resumable checkpoint (weight files carry ``propseg-weights/1`` instead).
 CHECKPOINT_FORMAT = "propseg-checkpoint/1"
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def read_config_file(path: str | os.PathLike, *, example: str | None = None) -> dict:
+    """Read a YAML (.yaml/.yml) or JSON training config.
+
+    Args:
+        path: the config file; ``.json`` is parsed as JSON, anything else as YAML.
+        example: optional file name suggested in the "does not exist" message.
+
+    Returns:
+        The file's top-level mapping.
+
+    Raises:
+        InputError: missing file, unparsable content, or not a mapping.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        such_as = f" such as {example}" if example else ""
+        raise InputError(f"Training config {p} does not exist; pass a YAML or JSON file{such_as}.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            cfg = json.loads(text)
+        else:
+            import yaml
+
+            cfg = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error is a bad file
+        raise InputError(f"Training config {p} could not be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); fix its syntax.") from exc
+    if not isinstance(cfg, dict):
+        raise InputError(f"Training config {p} must be a mapping of options (key: value), not {type(cfg).__name__}.")
+    return cfg
 
 
 # --------------------------------------------------------------------------- seeding / RNG

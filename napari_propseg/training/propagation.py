@@ -49,6 +49,7 @@ from .common import (
     ddp_cleanup,
     ddp_setup,
     load_checkpoint,
+    read_config_file,
     save_checkpoint,
     seed_everything,
     unwrap,
@@ -102,30 +103,6 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
     return out
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML (.yaml/.yml) or JSON training config.
-
-    Raises:
-        InputError: missing file, unparsable content, or not a mapping.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"Training config {p} does not exist; pass a YAML or JSON file such as models/propagation/train_default.yaml.")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() == ".json":
-            cfg = json.loads(text)
-        else:
-            import yaml
-
-            cfg = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 - any parser error is a bad file
-        raise InputError(f"Training config {p} could not be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); fix its syntax.") from exc
-    if not isinstance(cfg, dict):
-        raise InputError(f"Training config {p} must be a mapping of options (key: value), not {type(cfg).__name__}.")
-    return cfg
-
-
 def load_train_config(
     config: Mapping[str, Any] | str | os.PathLike,
     *,
@@ -148,7 +125,7 @@ def load_train_config(
     config_dir: Path | None = None
     if isinstance(config, (str, os.PathLike)):
         config_dir = Path(config).expanduser().resolve().parent
-        raw = read_config_file(config)
+        raw = read_config_file(config, example="models/propagation/train_default.yaml")
     else:
         raw = copy.deepcopy(dict(config))
         if raw.get("_config_dir"):

@@ -70,6 +70,7 @@ from ..errors import CancelledError, InputError
 from ..progress import CancelFn, ProgressFn, report
 from ..reference import build_reference_model, resolve_config, save_reference_model
 from ..reference.losses import LOSSES, supervised_loss
+from .common import read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +111,8 @@ def load_config(config: dict | str | os.PathLike) -> tuple[dict, Path]:
     """
     base = Path.cwd()
     if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise InputError(f"Training config {path} does not exist; pass a YAML or JSON file.")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() == ".json":
-                raw = json.loads(text)
-            else:
-                import yaml
-
-                raw = yaml.safe_load(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-            raise InputError(f"Training config {path} could not be parsed ({str(exc).splitlines()[0]}); fix its syntax.") from exc
-        if not isinstance(raw, dict):
-            raise InputError(f"Training config {path} must be a mapping of settings, not {type(raw).__name__}.")
+        path = Path(config).expanduser()
+        raw = read_config_file(path)
         base = path.resolve().parent
         config = raw
     cfg = json.loads(json.dumps({**DEFAULTS, **config}))  # deep copy, JSON-able
