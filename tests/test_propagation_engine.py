@@ -248,7 +248,7 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
     lab[:] = 0
     lab[1, 2:20, 2:18] = 1
     lab[10, 2:20, 2:18] = 2
-    eng = _engine(vol, weights)
+    eng = _engine(vol, weights, prior="none")  # the network's two passes alone
 
     def fake_pass(start, start_values, targets, *, stop, tick, cancel):
         k = start_values.shape[1]
@@ -265,6 +265,43 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
     assert all((res.labels[z] == 1).all() for z in (2, 3, 4, 5))
     assert all((res.labels[z] == 2).all() for z in (6, 7, 8, 9))
     assert (res.confidence[2:10] == 0).all()  # the two passes disagree everywhere
+
+
+def test_sdf_prior_keeps_a_small_organ_the_network_loses(weights, monkeypatch):
+    """Shipped weights give p ~ 0 even on the anchor itself for organs of a few pixels at
+    1/16 resolution (adrenals, pancreas); the SDF prior must carry them across the gap."""
+    vol, lab, _ = _case(depth=12)
+    lab[:] = 0
+    lab[1, 8:13, 6:10] = 1
+    lab[10, 9:14, 7:11] = 1
+    lab[1, 14:22, 10:18] = 2  # a second object that stays background-free of the first
+
+    def blind_pass(start, start_values, targets, *, stop, tick, cancel):
+        out = {}
+        for z in targets:
+            p = torch.zeros(start_values.shape[1] + 1, RES, RES)
+            p[0] = 1.0  # the network never predicts the objects
+            out[z] = p
+            tick(z)
+        return out
+
+    results = {}
+    for prior in ("none", "sdf"):
+        eng = _engine(vol, weights, prior=prior)
+        monkeypatch.setattr(eng, "_pass", blind_pass)
+        results[prior] = eng.propagate(lab, [1, 10]).labels
+    assert not (results["none"][2:10] == 1).any()
+    areas = [(results["sdf"][z] == 1).sum() for z in range(2, 10)]
+    assert min(areas) >= 4 and max(areas) <= 30  # carried across (eroded ~1 px where the network says background)
+    assert (results["sdf"][5, 10:12, 8] == 1).all()
+    assert (results["sdf"][3] == 2).any() and not (results["sdf"][9] == 2).any()  # shrinks toward the empty anchor
+
+
+def test_bad_prior(weights):
+    vol, _, _ = _case()
+    for kw in ({"prior": "shape"}, {"prior_weight": 1.5}):
+        with pytest.raises(InputError):
+            _engine(vol, weights, **kw)
 
 
 def test_suggest_next_skips_anchors(weights):
