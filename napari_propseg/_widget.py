@@ -73,15 +73,6 @@ def _reference_available() -> bool:
     return True
 
 
-def _stcn_weights_available() -> bool:
-    try:
-        from .propagation.engine import default_weights_path
-
-        return default_weights_path().is_file()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _notify(kind: str, message: str) -> None:
     from napari.utils import notifications
 
@@ -201,10 +192,11 @@ class PropSegWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.method_combo = QComboBox()
-        self.method_combo.addItems(["stcn", "interp"])
-        self.method_combo.setToolTip("stcn: memory-bank network (needs weights); interp: signed-distance interpolation")
-        if not _stcn_weights_available():
-            self.method_combo.setCurrentText("interp")
+        self.method_combo.addItems(["interp", "stcn"])
+        self.method_combo.setToolTip(
+            "interp: signed-distance interpolation (default: it beats the shipped starter STCN weights on real CT);"
+            " stcn: memory-bank network (needs weights; choose it with weights trained on your own data)")
+        self.method_combo.setCurrentText("interp")
         self.k_spin = QSpinBox()
         self.k_spin.setRange(1, 256)
         self.k_spin.setValue(9)

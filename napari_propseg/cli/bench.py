@@ -196,7 +196,7 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
     device = _device(args.device)
     case = make_phantom_case(shape, spacing, args.seed)
     res = run_speed(case.image_hu, case.labels, method=args.method, k=args.k, weights=args.weights, device=device,
-                    threads=args.threads, case=case.name)
+                    threads=args.threads, case=case.name, spacing=case.spacing)
     res["machine"] = machine_description()
     print(json.dumps(res, indent=1))
     if args.out:
