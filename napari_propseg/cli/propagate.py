@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT", help="output label file (.nii.gz, .nii or .nrrd)")
     p.add_argument("--slices", default=None, metavar="Z,Z,...",
                    help="anchor slice indices (axial, 0 = most inferior); default: every slice of SEEDS holding a label")
-    p.add_argument("--method", default="interp", choices=METHODS, help="interp (signed-distance interpolation, default: it beats the shipped starter STCN weights, see models/propagation/stcn_default.md) or stcn (memory-bank network)")
+    p.add_argument("--method", default=None, choices=METHODS, help="stcn (memory-bank network; the default when --weights is given) or interp (signed-distance interpolation; the default otherwise, since it beats the shipped starter STCN weights, see models/propagation/stcn_default.md)")
     p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped models/propagation/stcn_default.pt)")
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
     p.add_argument("--lock", default=None, metavar="ID,ID,...", help="label ids kept exactly as in SEEDS on every slice")
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not anchors:
         raise InputError(f"The seed file {args.seeds} holds no labelled slice; label at least one slice or pass --slices.")
     locked = parse_ids(args.lock, "--lock")
+    args.method = args.method or ("stcn" if args.weights else "interp")
     engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing)
     progress = None if args.quiet else ProgressBar(sys.stderr)
     result = engine.propagate(seeds.array, anchors, locked_labels=locked, progress=progress)
