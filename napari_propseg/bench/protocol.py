@@ -316,22 +316,39 @@ def mci_interpolate(labels: np.ndarray, anchors: Sequence[int], *, axis: int = 0
     out = np.zeros_like(labels)
     anchor_block = np.take(labels, anchors, axis=axis)
     ids = [int(v) for v in np.unique(anchor_block) if v != 0]
-    for step, lab in enumerate(ids):
-        check_cancel(cancel)
-        binary = np.zeros(labels.shape, np.uint8)
-        sl = [slice(None)] * labels.ndim
-        sl[axis] = anchors
-        binary[tuple(sl)] = (anchor_block == lab)
-        img = itk.image_from_array(binary)
-        filt = mci_cls.New(img)
-        filt.SetAxis(itk_axis)
-        filt.SetLabel(1)
-        filt.SetUseCustomSlicePositions(True)
-        filt.SetLabeledSliceIndices(itk_axis, 1, anchors)
-        filt.Update()
-        res = itk.array_from_image(filt.GetOutput()).astype(bool)
-        out[res & (out == 0)] = lab
-        report(progress, step + 1, len(ids), f"mci label {lab}")
+    # ITK's multi-threaded MorphologicalContourInterpolator corrupts the heap (glibc
+    # aborts with "malloc_consolidate(): unaligned fastbin chunk detected" or segfaults,
+    # often only at interpreter exit) after a few calls in one process; reproduced with
+    # itk alone, no torch/SimpleITK. One ITK thread avoids it; the previous global
+    # default is restored afterwards.
+    mt = itk.MultiThreaderBase
+    n_threads = mt.GetGlobalDefaultNumberOfThreads()
+    mt.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        for step, lab in enumerate(ids):
+            check_cancel(cancel)
+            out = _mci_one_label(itk, mci_cls, labels, anchor_block, anchors, axis, itk_axis, lab, out)
+            report(progress, step + 1, len(ids), f"mci label {lab}")
+    finally:
+        mt.SetGlobalDefaultNumberOfThreads(n_threads)
+    return out
+
+
+def _mci_one_label(itk, mci_cls, labels, anchor_block, anchors, axis, itk_axis, lab, out):
+    """Interpolate one label with MCI and merge it into ``out`` (lower ids win)."""
+    binary = np.zeros(labels.shape, np.uint8)
+    sl = [slice(None)] * labels.ndim
+    sl[axis] = anchors
+    binary[tuple(sl)] = (anchor_block == lab)
+    img = itk.image_from_array(binary)
+    filt = mci_cls.New(img)
+    filt.SetAxis(itk_axis)
+    filt.SetLabel(1)
+    filt.SetUseCustomSlicePositions(True)
+    filt.SetLabeledSliceIndices(itk_axis, 1, anchors)
+    filt.Update()
+    res = itk.array_from_image(filt.GetOutput()).astype(bool)
+    out[res & (out == 0)] = lab
     return out
 
 
