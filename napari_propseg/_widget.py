@@ -5,7 +5,7 @@ Layout and Qt plumbing only: the bookkeeping (anchors, undo, locks, autosave) li
 reference module, which run in napari ``thread_worker``s so the GUI never freezes.
 Every error reaches the user as a napari notification.
 
-Keyboard shortcuts (viewer-wide while the widget exists): see :data:`SHORTCUTS`.
+Keyboard shortcuts (in the canvas and in the dock, while the widget exists): see :data:`SHORTCUTS`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtGui import QColor, QPainter, QPen
+from qtpy.QtGui import QColor, QKeySequence, QPainter, QPen, QShortcut
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -50,13 +50,17 @@ log = logging.getLogger(__name__)
 
 NEW_LABELS = "<new Labels layer>"
 AUTOSAVE_SECONDS = 60
-#: action -> napari key binding.
+#: action -> napari key binding. Chosen free of napari 0.9's own bindings on the viewer,
+#: every layer type and the menus (Shift-Up/Down extend the layer selection, Shift-A
+#: selects all points, e.g. of the anchor overlay, Shift-P is the shapes lasso), so a
+#: shortcut does the same whichever layer is active. Shift-Left/Right extend napari's
+#: Left/Right (one slice) to one anchor.
 SHORTCUTS = {
-    "propagate": "Shift-P",
-    "next_anchor": "Shift-Up",
-    "prev_anchor": "Shift-Down",
+    "propagate": "Shift-R",
+    "next_anchor": "Shift-Right",
+    "prev_anchor": "Shift-Left",
     "check_next": "Shift-N",
-    "mark_anchor": "Shift-A",
+    "mark_anchor": "Shift-M",
 }
 SHORTCUT_HELP = (
     f"Shortcuts: Propagate {SHORTCUTS['propagate']}, next anchor {SHORTCUTS['next_anchor']}, "
@@ -273,17 +277,47 @@ class PropSegWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
         self.viewer.dims.events.current_step.connect(self._update_plot)
 
-    def _install_shortcuts(self) -> None:
-        actions = {
+    def _shortcut_actions(self) -> dict:
+        return {
             "propagate": self.propagate,
             "next_anchor": lambda: self.goto_anchor(+1),
             "prev_anchor": lambda: self.goto_anchor(-1),
             "check_next": self.check_next,
             "mark_anchor": self.mark_anchor,
         }
+
+    def _install_shortcuts(self) -> None:
+        """Make :data:`SHORTCUTS` work wherever the clinician's focus is.
+
+        They go into the viewer's own keymap (napari dispatches it while the canvas has
+        the focus, after the active layer's keymap, where these keys are free) and are
+        Qt shortcuts on this widget (focus inside the dock, e.g. after a button click).
+        The viewer bindings are removed again when the widget is destroyed, so a closed
+        dock leaves no key bound to a dead widget.
+        """
+        from napari.utils.key_bindings import coerce_keybinding
+
+        actions = self._shortcut_actions()
+        keymap = self.viewer.keymap
+        bound = {}
         for name, key in SHORTCUTS.items():
             fn = actions[name]
-            self.viewer.bind_key(key, lambda _viewer, fn=fn: fn(), overwrite=True)
+
+            def on_key(_viewer, fn=fn):
+                fn()
+
+            self.viewer.bind_key(key, on_key, overwrite=True)
+            bound[coerce_keybinding(key)] = on_key
+            shortcut = QShortcut(QKeySequence(key.replace("-", "+")), self)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(fn)
+
+        def unbind(*_args, keymap=keymap, bound=bound):
+            for kb, fn in bound.items():
+                if keymap.get(kb) is fn:
+                    del keymap[kb]
+
+        self.destroyed.connect(unbind)
 
     # ------------------------------------------------------------------ layers
     def _image_layers(self):
@@ -713,14 +747,15 @@ class PropSegWidget(QWidget):
         method, device = self.method_combo.currentText(), self.device_combo.currentText()
         changed = sorted(self._changed_since) if self._propagated and self._changed_since else None
         volume = np.asarray(self._image_layer.data)
-        key = (id(self._image_layer), method, device)
+        spacing = self._spacing()
+        key = (id(self._image_layer), method, device, spacing)
         engine = self._engine if self._engine_key == key else None
         cancel = self._cancel.is_set
         progress = self._progress_cb
         locked = tuple(sorted(self.session.locked))
 
         def job():
-            eng = engine or make_engine(volume, method=method, device=device)
+            eng = engine or make_engine(volume, method=method, device=device, spacing=spacing)
             t0 = time.perf_counter()
             result = run_propagation(volume, labels, anchors, method=method, device=device, changed=changed,
                                      locked_labels=locked, progress=progress, cancel=cancel, engine=eng)
@@ -740,6 +775,23 @@ class PropSegWidget(QWidget):
             self._autosave(force=True)
 
         self._start(job, done, "Re-propagating" if changed else "Propagating", labels.shape[0])
+
+    def _spacing(self) -> tuple[float, float, float] | None:
+        """The image's voxel size (sz, sy, sx) in mm: the CT geometry's, else the layer's scale."""
+        layer = self._image_layer
+        if layer is None:
+            return None
+        geometry = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+        spacing = geometry.get("spacing") if isinstance(geometry, dict) else None
+        if spacing is None:
+            spacing = layer.scale
+        try:
+            spacing = tuple(float(v) for v in spacing)
+        except (TypeError, ValueError):
+            return None
+        if len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing):
+            return None
+        return spacing
 
     @_guarded
     def suggest(self) -> None:

@@ -8,6 +8,7 @@ installed.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -167,7 +168,13 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     from napari_propseg.phantom import make_phantom
 
     CopyNearestEngine.calls.clear()
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device: CopyNearestEngine(vol, method, device))
+    engine_kw = []
+
+    def factory(vol, method, device, **kw):
+        engine_kw.append(kw)
+        return CopyNearestEngine(vol, method, device)
+
+    monkeypatch.setattr(w, "make_engine", factory)
     gt = viewer.layers["phantom labels (ground truth)"].data
     layer = widget.labels_layer
     s = widget.session
@@ -188,6 +195,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     assert filled == list(range(layer.data.shape[0])), "every slice gets labels"
     np.testing.assert_array_equal(layer.data[10], anchors_before[0])
     assert s.confidence is not None and len(s.undo_stack) == 1
+    assert engine_kw == [{"spacing": SMALL["spacing"]}], "the engine gets the CT's voxel size"
 
     # check next -> the engine's least confident non-anchor slice
     widget.check_btn.click()
@@ -206,7 +214,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     np.testing.assert_array_equal(layer.data[:z_lo + 1], before[:z_lo + 1])
 
     # cancel midway: labels unchanged
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device: CopyNearestEngine(vol, method, device, delay=0.3))
+    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device, delay=0.3))
     widget._engine = None
     widget.method_combo.setCurrentText("stcn")
     widget.method_combo.setCurrentText("interp")
@@ -305,7 +313,8 @@ def test_real_engine_interp(viewer_widget, qtbot):
 
     seeds = np.zeros_like(gt)
     seeds[[6, 18]] = gt[[6, 18]]
-    direct = run_propagation(viewer.layers["phantom CT"].data, seeds, [6, 18], method="interp", device="cpu")
+    direct = run_propagation(viewer.layers["phantom CT"].data, seeds, [6, 18], method="interp", device="cpu",
+                             spacing=SMALL["spacing"])
     np.testing.assert_array_equal(layer.data, direct.labels)
     assert widget.session.confidence is not None and widget.session.confidence.shape == (gt.shape[0],)
     # check next uses the engine's suggest_next: a non-anchor slice
@@ -334,6 +343,180 @@ def test_suggest_without_weights_notifies(viewer_widget, qtbot, tmp_path, monkey
     assert len(widget.session.anchors) == 0 and not widget.labels_layer.data.any()
 
 
+def _write_tiny_reference_pair(folder: Path) -> list[Path]:
+    """Two test-sized reference networks (random weights, fixed seed) as weight files."""
+    import torch
+
+    from napari_propseg.reference import build_reference_model, save_reference_model
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(1)
+    paths = []
+    for preset in ("transunet-tiny", "deeplabv3plus-tiny"):
+        model = build_reference_model({"preset": preset, "num_classes": 15})
+        paths.append(save_reference_model(folder / f"{preset}.pt", model))
+    return paths
+
+
+def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
+    """Suggest with the default weights folder -> suggested anchors exactly as the
+    reference module computes them, on those slices only -> correct one -> propagate."""
+    pytest.importorskip("napari_propseg.reference.inference")
+    pytest.importorskip("napari_propseg.propagation.engine")
+    viewer, widget = viewer_widget
+    from napari_propseg.reference.inference import suggest_slices
+
+    _write_tiny_reference_pair(tmp_path / "models" / "reference")
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "models"))
+    assert widget.suggest_btn.isEnabled()
+    widget.device_combo.setCurrentText("cpu")
+    widget.k_spin.setValue(4)
+    layer, s = widget.labels_layer, widget.session
+    widget.suggest_btn.click()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+
+    ct = viewer.layers["phantom CT"].data
+    direct = suggest_slices(ct, k=4, device="cpu")  # the same default weights
+    zs = list(direct.slices)
+    assert len(zs) >= 4
+    assert all(direct.labels[z].any() for z in zs), "the test networks predict something on every slice"
+    assert s.anchors.items() == [(z, "suggested") for z in zs]
+    assert [widget.anchor_list.item(i).text().split() for i in range(widget.anchor_list.count())] == [
+        ["slice", str(z), "suggested"] for z in zs]
+    assert len(viewer.layers["PropSeg anchors"].data) == len(zs)
+    np.testing.assert_array_equal(layer.data[zs], direct.labels[zs])
+    others = [z for z in range(ct.shape[0]) if z not in zs]
+    assert not layer.data[others].any(), "labels written on the suggested slices only"
+    assert len(s.undo_stack) == 0
+
+    # the clinician corrects one suggested slice: it becomes "corrected", the rest stay "suggested"
+    gt = viewer.layers["phantom labels (ground truth)"].data
+    z_fix = zs[1]
+    organ = int(np.bincount(gt[z_fix][gt[z_fix] > 0]).argmax())
+    _paint_slice(layer, z_fix, gt[z_fix], only=organ)
+    qtbot.waitUntil(lambda: s.anchors.status(z_fix) == "corrected", timeout=5000)
+    assert s.anchors.items() == [(z, "corrected" if z == z_fix else "suggested") for z in zs]
+    assert "corrected" in widget.anchor_list.item(1).text()
+    anchors = s.anchors.items()
+    on_anchors = layer.data[zs].copy()
+    assert not np.array_equal(on_anchors[1], direct.labels[z_fix])
+
+    widget.method_combo.setCurrentText("interp")
+    widget.propagate_btn.click()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    assert s.anchors.items() == anchors
+    np.testing.assert_array_equal(layer.data[zs], on_anchors)
+    between = [z for z in range(zs[0] + 1, zs[-1]) if z not in zs]
+    assert all(layer.data[z].any() for z in between), "slices between anchors are filled"
+    assert len(s.undo_stack) == 1
+
+
+def _key_click(qtbot, target, key: str) -> None:
+    """Press and release a napari-style key combination ("Shift-R") on a Qt widget."""
+    from qtpy.QtGui import QKeySequence
+
+    combo = QKeySequence(key.replace("-", "+"))[0]
+    qtbot.keyClick(target, combo.key(), combo.keyboardModifiers())
+
+
+def test_shortcuts_are_free_in_napari(viewer_widget):
+    """No shortcut shadows napari's own bindings (viewer, any layer type, menus), so each
+    does the same whichever layer is active, and napari keeps all of its keys."""
+    from app_model.types import KeyBinding
+    from napari import layers
+    from napari._app_model import get_app_model
+    from napari.components.viewer_model import ViewerModel
+    from napari.utils.key_bindings import coerce_keybinding
+
+    from napari_propseg._widget import SHORTCUT_HELP, SHORTCUTS
+
+    ours = {coerce_keybinding(k): name for name, k in SHORTCUTS.items()}
+    assert len(ours) == len(SHORTCUTS), "two actions share a key"
+    taken = {}
+    for cls in [ViewerModel] + [c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, layers.Layer)]:
+        taken.update({coerce_keybinding(k): f"{cls.__name__} keymap" for k in cls.class_keymap if k is not Ellipsis})
+    for kb in get_app_model().keybindings:
+        taken[KeyBinding.validate(kb.keybinding)] = kb.command_id
+    clashes = {ours[k]: taken[k] for k in ours if k in taken}
+    assert not clashes, f"shortcuts taken by napari: {clashes}"
+    for key in SHORTCUTS.values():
+        assert key in SHORTCUT_HELP
+
+
+@pytest.mark.parametrize("focus", ["canvas", "dock"])
+def test_keyboard_shortcuts(viewer_widget, qtbot, monkeypatch, focus):
+    """Real key presses reach every action, with the focus in the canvas (napari's
+    keymap) or in the PropSeg dock (e.g. right after a button click)."""
+    viewer, widget = viewer_widget
+    import napari_propseg._widget as w
+
+    CopyNearestEngine.calls.clear()
+    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device))
+    # a button has the focus after a click; it takes plain arrow keys for focus moves
+    target = viewer.window._qt_viewer.canvas.native if focus == "canvas" else widget.mark_btn
+    window = viewer.window._qt_window
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=5000)  # key presses reach the active window
+    target.setFocus()
+    press = functools.partial(_key_click, qtbot, target)
+    keys = w.SHORTCUTS
+    s, layer = widget.session, widget.labels_layer
+    gt = viewer.layers["phantom labels (ground truth)"].data
+
+    # mark anchor toggles the current slice
+    widget.goto(5)
+    press(keys["mark_anchor"])
+    assert s.anchors.items() == [(5, "empty")]
+    press(keys["mark_anchor"])
+    assert s.anchors.zs == []
+    _paint_slice(layer, 5, gt[5])
+    widget.goto(17)
+    press(keys["mark_anchor"])
+    qtbot.waitUntil(lambda: s.anchors.zs == [5, 17], timeout=5000)
+
+    # next / previous anchor move the slider from anchor to anchor
+    widget.goto(10)
+    press(keys["next_anchor"])
+    assert widget.current_z() == 17
+    press(keys["next_anchor"])
+    assert widget.current_z() == 17, "no anchor after the last one: stay"
+    press(keys["prev_anchor"])
+    assert widget.current_z() == 5
+    widget.goto(11)
+    press(keys["prev_anchor"])
+    assert widget.current_z() == 5
+
+    # propagate starts a propagation in the worker
+    press(keys["propagate"])
+    assert widget.is_busy() or s.undo_stack
+    _wait_idle(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    assert CopyNearestEngine.calls[-1] == ("propagate", (5, 17))
+    assert len(s.undo_stack) == 1 and s.confidence is not None
+
+    # check next jumps to the least confident non-anchor slice
+    widget.goto(0)
+    press(keys["check_next"])
+    assert widget.current_z() == SMALL["shape"][0] // 3 == int(np.argmin(np.where(
+        np.isin(np.arange(len(s.confidence)), s.anchors.zs), np.inf, s.confidence)))
+
+
+def test_shortcuts_unbound_when_the_widget_is_gone(make_napari_viewer, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    from napari_propseg._widget import SHORTCUTS, PropSegWidget
+
+    viewer = make_napari_viewer()
+    widget = PropSegWidget(viewer)
+    keys = [coerce_keybinding(k) for k in SHORTCUTS.values()]
+    assert all(k in viewer.keymap for k in keys)
+    with qtbot.waitSignal(widget.destroyed, timeout=5000):
+        widget.deleteLater()
+    assert not any(k in viewer.keymap for k in keys)
+
+
 def test_locked_label_survives_propagation(viewer_widget, qtbot, monkeypatch):
     viewer, widget = viewer_widget
     import napari_propseg._widget as w
@@ -343,7 +526,7 @@ def test_locked_label_survives_propagation(viewer_widget, qtbot, monkeypatch):
             out = np.full_like(labels, 2)  # an engine that ignores locks entirely
             return SimpleNamespace(labels=out, confidence=np.ones(len(labels)), computed=[], seconds=0.0)
 
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device: Overwriter(vol, method, device))
+    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: Overwriter(vol, method, device))
     layer = widget.labels_layer
     layer.data[10, 5:9, 5:9] = 7  # drawn earlier, not an anchor
     _paint_slice(layer, 4, np.pad(np.ones((4, 4), np.uint8), ((40, 52), (40, 52))))
