@@ -163,6 +163,7 @@ class PropSegWidget(QWidget):
         self._engine = None
         self._engine_key = None
         self._worker = None
+        self._job = "The job"
         self._cancel = threading.Event()
         self._pbar = None
         self._binding = False
@@ -682,11 +683,14 @@ class PropSegWidget(QWidget):
         if not busy and self.session is not None:
             self.undo_btn.setEnabled(len(self.session.undo_stack) > 0)
 
-    def _start(self, fn, on_done, what: str, total: int) -> None:
+    def _start(self, fn, on_done, what: str, total: int, job: str) -> None:
+        """Run ``fn`` in a worker; ``on_done(result)`` in the GUI thread; ``what`` names the
+        progress bar ("Propagating"), ``job`` the job in messages ("Propagation")."""
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
         self._cancel.clear()
+        self._job = job
         self._pbar = progress(total=total, desc=what)
         worker = create_worker(fn, _start_thread=False, _ignore_errors=True)  # errors -> self._error
         worker.returned.connect(lambda payload: self._call_safely(on_done, payload))
@@ -774,7 +778,7 @@ class PropSegWidget(QWidget):
             self._refresh_anchor_list()
             self._autosave(force=True)
 
-        self._start(job, done, "Re-propagating" if changed else "Propagating", labels.shape[0])
+        self._start(job, done, "Re-propagating" if changed else "Propagating", labels.shape[0], "Propagation")
 
     def _spacing(self) -> tuple[float, float, float] | None:
         """The image's voxel size (sz, sy, sx) in mm: the CT geometry's, else the layer's scale."""
@@ -818,7 +822,7 @@ class PropSegWidget(QWidget):
             self.status.setText(f"Suggested {len(zs)} slices; check and correct them, then Propagate.")
             self._refresh_anchor_list()
 
-        self._start(job, done, "Suggesting", k)
+        self._start(job, done, "Suggesting", k, "Suggest")
 
     @_guarded
     def undo(self) -> None:
@@ -893,8 +897,9 @@ class PropSegWidget(QWidget):
 
     def _error(self, exc: BaseException) -> None:
         if isinstance(exc, CancelledError):
-            self.status.setText("Cancelled; the labels are unchanged.")
-            _notify("info", "Propagation cancelled; the labels are unchanged.")
+            msg = f"{self._job} cancelled; the labels are unchanged."
+            self.status.setText(msg)
+            _notify("info", msg)
             return
         if isinstance(exc, InputError):
             msg = str(exc)

@@ -226,6 +226,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     qtbot.waitUntil(lambda: widget._pbar is not None and widget._pbar.n >= 1, timeout=10000)
     widget.cancel_btn.click()
     _wait_idle(qtbot, widget)
+    assert widget.status.text() == "Propagation cancelled; the labels are unchanged."
     np.testing.assert_array_equal(layer.data, snapshot)
     assert len(s.undo_stack) == n_undo
 
@@ -411,6 +412,31 @@ def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
     between = [z for z in range(zs[0] + 1, zs[-1]) if z not in zs]
     assert all(layer.data[z].any() for z in between), "slices between anchors are filled"
     assert len(s.undo_stack) == 1
+
+
+def test_suggest_cancel_leaves_labels_and_anchors(viewer_widget, qtbot, monkeypatch):
+    pytest.importorskip("napari_propseg.reference.inference")
+    _viewer, widget = viewer_widget
+    import napari_propseg.reference.inference as inference
+
+    def slow_suggest(volume, k, device, progress, cancel):
+        for i in range(k):
+            check_cancel(cancel)
+            time.sleep(0.2)
+            report(progress, i + 1, k, f"slice {i}")
+        raise AssertionError("the Cancel button did not stop the suggestion")
+
+    monkeypatch.setattr(inference, "suggest_slices", slow_suggest)
+    widget.k_spin.setValue(50)
+    widget.suggest_btn.click()
+    qtbot.waitUntil(lambda: widget._pbar is not None and widget._pbar.n >= 1, timeout=10000)
+    widget.cancel_btn.click()
+    _wait_idle(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    assert widget.status.text() == "Suggest cancelled; the labels are unchanged."
+    assert len(widget.session.anchors) == 0 and widget.anchor_list.count() == 0
+    assert not widget.labels_layer.data.any()
+    assert widget.suggest_btn.isEnabled() and widget.propagate_btn.isEnabled() and not widget.cancel_btn.isEnabled()
 
 
 def _key_click(qtbot, target, key: str) -> None:
