@@ -17,7 +17,10 @@ Methods (``METHODS``): ``stcn`` (our memory-bank network through
 ``napari_propseg.propagation.engine.PropagationEngine``; skipped with a logged note when
 no trained weights exist), ``interp`` (per-label signed-distance interpolation),
 ``copy_nearest`` and ``mci`` (ITK's MorphologicalContourInterpolator, the algorithm of
-3D Slicer's "Fill between slices", here in :func:`mci_interpolate`).
+3D Slicer's "Fill between slices", here in :func:`mci_interpolate`). ``stcn_adapt`` (not
+in the default set) is ``stcn`` with online adaptation: the engine first fine-tunes a copy
+of the network for ``adapt_steps`` steps on the reference slices (their seconds are in the
+method's ``seconds`` and, alone, in ``adapt_seconds``).
 
 :func:`run_speed` is section 3 (every label through one volume, then re-propagation after
 one corrected slice; wall seconds and peak resident memory).
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KS = (3, 5, 9, 17)
 ALL_METHODS = ("stcn", "interp", "copy_nearest", "mci")
+#: Adaptation steps of the ``stcn_adapt`` benchmark method unless told otherwise.
+DEFAULT_ADAPT_STEPS = 30
 CLASSICAL_METHODS = ("interp", "copy_nearest", "mci")
 
 
@@ -382,11 +387,12 @@ def _method_mci(image_hu, seeds, anchors, **_) -> np.ndarray:
     return mci_interpolate(seeds, anchors, axis=0)
 
 
-def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None, device: str = "cpu", spacing=None):
+def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None, device: str = "cpu", spacing=None,
+                     adapt_steps: int = 0):
     """Build a ``PropagationEngine``; raises ``InputError`` (e.g. no weights) or ImportError.
 
     ``spacing`` (sz, sy, sx) in mm is forwarded when given (the engine's body crop needs it
-    for non-square pixels).
+    for non-square pixels); ``adapt_steps > 0`` turns on online adaptation.
     """
     from ..propagation.engine import PropagationEngine
 
@@ -395,6 +401,8 @@ def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None
         kwargs["weights"] = weights
     if spacing is not None:
         kwargs["spacing"] = tuple(float(v) for v in spacing)
+    if adapt_steps:
+        kwargs["adapt_steps"] = int(adapt_steps)
     return PropagationEngine(image_hu, **kwargs)
 
 
@@ -404,6 +412,7 @@ def _method_stcn(image_hu, seeds, anchors, *, engine=None, **_) -> np.ndarray:
 
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "stcn": _method_stcn,
+    "stcn_adapt": _method_stcn,
     "interp": _method_interp,
     "copy_nearest": _method_copy_nearest,
     "mci": _method_mci,
@@ -434,6 +443,7 @@ def run_k_slice(
     label_names: Mapping[int, str] | None = None,
     progress=None,
     cancel=None,
+    adapt_steps: int = DEFAULT_ADAPT_STEPS,
 ) -> dict[str, Any]:
     """PROTOCOL section 1 on one case: every method, every k, the same seeds.
 
@@ -449,6 +459,7 @@ def run_k_slice(
         label_names: id -> name for the report.
         progress: ``(step, total, message)`` callback, once per (k, method).
         cancel: callable returning True to stop.
+        adapt_steps: online adaptation steps of the ``stcn_adapt`` method (>= 1).
 
     Returns:
         A JSON-able dict: case info and ``runs``, one per k, each with ``ref`` (R),
@@ -463,6 +474,8 @@ def run_k_slice(
     if image_hu.shape != gt.shape:
         raise InputError(f"Image shape {image_hu.shape} differs from label shape {gt.shape} in case {case}; put both on one grid.")
     methods = _check_methods(methods)
+    if "stcn_adapt" in methods and int(adapt_steps) < 1:
+        raise InputError(f"The stcn_adapt method needs at least 1 adaptation step, got {adapt_steps}.")
     names = dict(label_names or {})
     z = gt.shape[0]
     res: dict[str, Any] = {
@@ -491,9 +504,10 @@ def run_k_slice(
             extra: dict[str, Any] = {}
             setup = 0.0
             try:
-                if m == "stcn":
+                if m in ("stcn", "stcn_adapt"):
                     t0 = time.perf_counter()
-                    extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device, spacing=spacing)
+                    extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device, spacing=spacing,
+                                                       adapt_steps=int(adapt_steps) if m == "stcn_adapt" else 0)
                     setup = time.perf_counter() - t0
                 elif m == "mci":
                     _warm_itk()
@@ -507,6 +521,7 @@ def run_k_slice(
                 t0 = time.perf_counter()
                 pred = METHODS[m](image_hu, seeds.copy(), ref, spacing=spacing, **extra)
                 seconds = time.perf_counter() - t0
+            adaptation = getattr(extra.get("engine"), "adaptation", None)
             extra.clear()
             if pred.shape != gt.shape:
                 raise RuntimeError(f"method {m} returned shape {pred.shape}, expected {gt.shape}")
@@ -515,6 +530,8 @@ def run_k_slice(
                 log.error("benchmark %s: method %s changed the reference slices at k=%d", case, m, k)
             sc.update(seconds=seconds, setup_seconds=setup, peak_mb=mem.peak_mb, traced_mb=mem.traced_mb,
                       rss_delta_mb=mem.rss_delta_mb, peak_rss_mb=mem.peak_rss_mb)
+            if adaptation is not None:
+                sc.update(adapt_steps=adaptation.steps, adapt_seconds=adaptation.seconds)
             run["methods"][m] = sc
             log.info("%s k=%d |R|=%d %s: mean Dice %.4f in %.2f s", case, k, len(ref), m, sc["mean_dice"], seconds)
         res["runs"].append(run)

@@ -58,7 +58,8 @@ def _common(p: argparse.ArgumentParser, *, cases_default: str) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``bench`` with its ``propagate``, ``loop`` and ``speed`` subcommands."""
     from ..bench.loop import LOOP_METHODS, POLICIES
-    from ..bench.protocol import ALL_METHODS
+    from ..bench.protocol import ALL_METHODS, DEFAULT_ADAPT_STEPS
+    from .propagate import non_negative_int
 
     p = subparsers.add_parser("bench", help="run the benchmark protocols (k-slice propagation, correction loop, speed)",
                               description="Benchmarks of PROTOCOL.md: propagate (section 1), loop (section 2), speed (section 3).")
@@ -68,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         description="PROTOCOL.md section 1 on the chosen cases; writes k_slice.json, k_slice.png, k_slice.md.")
     _common(pp, cases_default="real,phantom")
     pp.add_argument("--ks", default="3,5,9,17", help="numbers of reference slices (default 3,5,9,17)")
-    pp.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}")
+    pp.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}, stcn_adapt "
+                    "(stcn after online adaptation to the reference slices)")
+    pp.add_argument("--adapt-steps", type=non_negative_int, default=DEFAULT_ADAPT_STEPS, metavar="N",
+                    help=f"online adaptation steps of the stcn_adapt method (default {DEFAULT_ADAPT_STEPS})")
     pp.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pp.set_defaults(func=run_propagate)
 
@@ -145,7 +149,8 @@ def run_propagate(args: argparse.Namespace) -> int:
     results = []
     for case in _cases(args):
         results.append(run_k_slice(case.image_hu, case.labels, case.spacing, ks=ks, methods=methods, case=case.name,
-                                   weights=args.weights, device=device, label_names=case.label_names, progress=_bar))
+                                   weights=args.weights, device=device, label_names=case.label_names, progress=_bar,
+                                   adapt_steps=args.adapt_steps))
         write_k_slice_report(results, out, machine=machine_description())  # partial results survive a crash
     paths = write_k_slice_report(results, out, machine=machine_description())
     print(paths["md"].read_text())

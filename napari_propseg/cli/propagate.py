@@ -35,13 +35,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT", help="output label file (.nii.gz, .nii or .nrrd)")
     p.add_argument("--slices", default=None, metavar="Z,Z,...",
                    help="anchor slice indices (axial, 0 = most inferior); default: every slice of SEEDS holding a label")
-    p.add_argument("--method", default=None, choices=METHODS, help="stcn (memory-bank network; the default when --weights is given) or interp (signed-distance interpolation; the default otherwise, since it beats the shipped starter STCN weights, see models/propagation/stcn_default.md)")
+    p.add_argument("--method", default=None, choices=METHODS, help="stcn (memory-bank network; the default when --weights or --adapt-steps is given) or interp (signed-distance interpolation; the default otherwise, since it beats the shipped starter STCN weights, see models/propagation/stcn_default.md)")
     p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped models/propagation/stcn_default.pt)")
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
+    p.add_argument("--adapt-steps", type=non_negative_int, default=0, metavar="N",
+                   help="online adaptation: first fine-tune a copy of the STCN network for N steps on the anchors "
+                   "(0 = off, the default; implies --method stcn; see models/propagation/stcn_default.md for whether it helps)")
     p.add_argument("--lock", default=None, metavar="ID,ID,...", help="label ids kept exactly as in SEEDS on every slice")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (anything else is a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
 
 
 def parse_ids(text: str | None, what: str) -> list[int]:
@@ -105,9 +119,14 @@ def run(args: argparse.Namespace) -> int:
     if not anchors:
         raise InputError(f"The seed file {args.seeds} holds no labelled slice; label at least one slice or pass --slices.")
     locked = parse_ids(args.lock, "--lock")
-    args.method = args.method or ("stcn" if args.weights else "interp")
-    engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing)
+    args.method = args.method or ("stcn" if args.weights or args.adapt_steps else "interp")
+    if args.adapt_steps and args.method != "stcn":
+        raise InputError(f"--adapt-steps fine-tunes the STCN network; it cannot be used with --method {args.method}.")
+    engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing,
+                               adapt_steps=args.adapt_steps)
     progress = None if args.quiet else ProgressBar(sys.stderr)
+    if args.adapt_steps:
+        engine.adapt(seeds.array, anchors, locked_labels=locked, progress=None if args.quiet else ProgressBar(sys.stderr, label="adapt"))
     result = engine.propagate(seeds.array, anchors, locked_labels=locked, progress=progress)
     out = write_labels(result.labels, image, args.out)
     worst = engine.suggest_next(result.confidence, anchors) if len(anchors) < depth else None

@@ -38,6 +38,11 @@ slice to check, is the product of three terms computed on each (re)computed slic
 * ``smoothness``: 1 - sum_l |a_l(z) - m_l(z)| / sum_l max(a_l(z), m_l(z)), where ``a_l`` is
   label l's area and ``m_l`` the mean of its areas on the neighbouring slices.
 
+**Online adaptation** (``adapt_steps > 0`` or :meth:`PropagationEngine.adapt`; off by
+default): before propagating, a copy of the network is fine-tuned for a few steps on clips
+made of this volume's own anchors (:mod:`~.adapt`); the loaded weights stay untouched and
+the key/value caches are emptied whenever the weights in use change.
+
 With ``method="interp"`` the labels come from :func:`~.interp.sdf_interpolate` and the
 confidence from the SDF blend (see :func:`~.interp.sdf_interpolate_with_confidence`);
 slices outside the outermost anchors are left empty there and get confidence 0.5 when
@@ -67,6 +72,8 @@ from ..errors import InputError
 from ..preprocess import resize_slices, window_ct
 from ..progress import CancelFn, ProgressFn, check_cancel, report
 from ..weights import models_dir
+from .adapt import AdaptResult, adapt_stcn
+from .adapt import adapt_options as adapt_options_checked
 from .interp import check_anchors, sdf_interpolate_with_confidence
 from .memory import MemoryBank
 from .network import STCN, load_stcn, others_union
@@ -76,6 +83,8 @@ log = logging.getLogger(__name__)
 METHODS = ("stcn", "interp")
 #: Shape priors fused with the STCN probabilities between anchors (see ``prior``).
 PRIORS = ("none", "sdf")
+#: Adaptation steps of :meth:`PropagationEngine.adapt` when neither it nor the engine names any.
+DEFAULT_ADAPT_STEPS = 30
 #: Confidence given to slices this engine never computed (unknown, neither good nor bad).
 UNKNOWN_CONFIDENCE = 0.5
 
@@ -183,6 +192,12 @@ class PropagationEngine:
             Default ``"sdf"``, ``a = 0.7``: on the held-out totalseg_ct case (k=5) mean
             Dice 0.559 -> 0.654 (a = 0.5: 0.601).
         prior_weight: ``a`` above, in [0, 1].
+        adapt_steps: if > 0, :meth:`propagate` first fine-tunes a copy of the network for
+            this many steps on the anchors it is given (:meth:`adapt`; skipped when the
+            anchors are those of the last adaptation). :meth:`repropagate` keeps the
+            weights in use. 0 (default) propagates with the loaded weights.
+        adapt_options: overrides of :data:`~.adapt.ADAPT_DEFAULTS` (``lr``,
+            ``batch_size``, ``num_frames``, ...).
 
     Raises:
         InputError: bad volume or parameter, an unknown method or device, no trained
@@ -203,6 +218,8 @@ class PropagationEngine:
         spacing: Sequence[float] | None = None,
         prior: str = "sdf",
         prior_weight: float = 0.7,
+        adapt_steps: int = 0,
+        adapt_options: dict | None = None,
     ) -> None:
         vol = np.asarray(volume_hu)
         if vol.ndim != 3 or min(vol.shape) < 1:
@@ -217,6 +234,15 @@ class PropagationEngine:
             raise InputError(f"Unknown propagation prior {prior!r}; use one of {', '.join(PRIORS)}.")
         if not 0.0 <= float(prior_weight) <= 1.0:
             raise InputError(f"prior_weight must lie in [0, 1], got {prior_weight}.")
+        if int(adapt_steps) < 0:
+            raise InputError(f"adapt_steps must be 0 or more, got {adapt_steps}.")
+        if int(adapt_steps) > 0 and method != "stcn":
+            raise InputError(f"Online adaptation (adapt_steps={adapt_steps}) fine-tunes the STCN network; use method='stcn' or adapt_steps=0.")
+        self.adapt_steps = int(adapt_steps)
+        self.adapt_options = adapt_options_checked(adapt_options)
+        #: the last :class:`~.adapt.AdaptResult` (None while the loaded weights are in use).
+        self.adaptation: AdaptResult | None = None
+        self._adapt_digest: bytes | None = None
         self.prior = prior
         self.prior_weight = float(prior_weight)
         self.volume_hu = vol
@@ -238,6 +264,7 @@ class PropagationEngine:
                 )
             self.model = load_stcn(path).to(self.device).eval()
             self.weights_path = path
+        self._base_model = self.model  # the loaded weights; adaptation trains copies
         self.box = self._body_box(spacing)
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
@@ -275,7 +302,91 @@ class PropagationEngine:
             :class:`PropagationResult`.
         """
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
+        if self.adapt_steps > 0 and self._anchor_digest(labels, anchors, locked) != self._adapt_digest:
+            self.adapt(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel)
         return self._run(labels, anchors, all_segments(anchors, labels.shape[0]), locked, progress, cancel)
+
+    def adapt(
+        self,
+        labels: np.ndarray,
+        anchors: Sequence[int],
+        *,
+        steps: int | None = None,
+        locked_labels: Iterable[int] = (),
+        eval_clips: int = 0,
+        progress: ProgressFn = None,
+        cancel: CancelFn = None,
+    ) -> AdaptResult:
+        """Fine-tune a copy of the loaded network on clips of the anchors (online adaptation).
+
+        Always starts from the loaded weights (earlier adaptations are discarded), so the
+        result depends only on these anchors. The anchors are preprocessed exactly as for
+        propagation (body crop, resize, window; labels resized by nearest neighbour); the
+        locked labels are left out. Every later (re)propagation uses the adapted copy,
+        until :meth:`reset_adaptation` or the next adaptation; the key and value caches are
+        emptied. See :mod:`~.adapt` for the clips and the loss.
+
+        Args:
+            labels: (Z, Y, X) integer labels; only the anchor slices are read.
+            anchors: anchor slice indices.
+            steps: optimisation steps (default: the engine's ``adapt_steps``, else 30).
+            locked_labels: ids not trained on (they are never propagated either).
+            eval_clips: if > 0, also measure the loss on this many fixed anchor clips
+                before and after (:attr:`AdaptResult.loss_before` / ``loss_after``).
+            progress: ``(step, total, message)`` callback, once per step.
+            cancel: returns True to stop; raises :class:`CancelledError` between steps and
+                the engine keeps the weights it had.
+
+        Returns:
+            :class:`~.adapt.AdaptResult` (also kept as :attr:`adaptation`).
+
+        Raises:
+            InputError: ``method="interp"``, bad steps, or no anchor holds an object
+                large enough to train on.
+        """
+        if self.model is None:
+            raise InputError("Online adaptation fine-tunes the STCN network; this engine uses method='interp'.")
+        labels, anchors, locked = self._check(labels, anchors, locked_labels)
+        steps = (self.adapt_steps or DEFAULT_ADAPT_STEPS) if steps is None else int(steps)
+        r = self._base_model.resolution
+        with torch.inference_mode():
+            frames = torch.cat([self._frame(z) for z in anchors]).float().cpu().numpy()  # N, 3, R, R
+        crops = np.stack([self._crop(np.where(np.isin(labels[z], locked), 0, labels[z]), 0) for z in anchors])
+        ids, compact = np.unique(crops, return_inverse=True)
+        if ids.size > 256:
+            raise InputError(f"The anchors hold {ids.size - 1} different labels; adaptation handles at most 255.")
+        compact = compact.reshape(crops.shape).astype(np.uint8)  # 0 stays 0: ids are sorted and 0 is the smallest
+        if ids[0] != 0:
+            compact += 1
+        small = resize_slices(compact, (r, r), mode="nearest")
+        model, result = adapt_stcn(self._base_model, frames, small, steps=steps, options=self.adapt_options, eval_clips=eval_clips,
+                                   device=self.device, progress=progress, cancel=cancel)
+        self.model = model
+        self.adaptation = result
+        self._adapt_digest = self._anchor_digest(labels, anchors, locked)
+        self._clear_caches()
+        return result
+
+    def reset_adaptation(self) -> None:
+        """Propagate with the loaded weights again (drops the adapted copy and the caches)."""
+        if self.model is not self._base_model:
+            self.model = self._base_model
+            self._clear_caches()
+        self.adaptation = None
+        self._adapt_digest = None
+
+    def _clear_caches(self) -> None:
+        """Forget every cached key and value (they belong to the weights that made them)."""
+        self._keys.clear()
+        self._values.clear()
+
+    @staticmethod
+    def _anchor_digest(labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.asarray(anchors, dtype=np.int64).tobytes() + locked.tobytes())
+        for z in anchors:
+            h.update(np.ascontiguousarray(labels[z]).tobytes())
+        return h.digest()
 
     def repropagate(
         self,
