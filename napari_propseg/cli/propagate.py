@@ -47,15 +47,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (anything else is a usage error, exit code 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
+def int_at_least(minimum: int):
+    """argparse type factory: a whole number >= ``minimum`` (anything else: usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small; give {minimum} or more")
+        return value
+
+    return parse
+
+
+non_negative_int = int_at_least(0)
 
 
 def parse_ids(text: str | None, what: str) -> list[int]:

@@ -19,18 +19,12 @@ import sys
 import time
 
 from ..errors import InputError
+from .propagate import int_at_least
 
 log = logging.getLogger(__name__)
 
 
-def _steps(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps needs a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--steps must be at least 1, got {n}")
-    return n
+_steps = int_at_least(1)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@ Config (YAML or JSON; relative paths are relative to the config file)::
     weight_decay: 1.0e-4
     loss: dice_ce                    # dice_ce | godc_ce | lovasz_ce | dice | ce | lovasz
     cps: {lambda_max: 0.5, warmup_steps: 500, ramp: linear}   # or ramp: sigmoid
+    augment_scale: [0.85, 1.15]      # random zoom range (scanner field-of-view differences)
+    augment_aspect: 0.0              # random x/y stretch exp(+-u), u <= this
     models:
       - {preset: transunet-small}
       - {preset: deeplabv3plus-small, ife: curvature}
@@ -90,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"labeled": [], "unlabeled": [], "phantoms": None, "val": []},
     "foreground_fraction": 0.7,
     "augment": True,
+    "augment_scale": [0.85, 1.15],
+    "augment_aspect": 0.0,
     "seed": 0,
     "device": "auto",
     "log_every": 10,
@@ -126,6 +130,11 @@ def load_config(config: dict | str | os.PathLike) -> tuple[dict, Path]:
         raise InputError(f"Training config: CPS trains exactly two models, got {len(cfg['models'])}.")
     if int(cfg["img_size"]) % 16:
         raise InputError(f"Training config: img_size must be a multiple of 16, got {cfg['img_size']}.")
+    sc = cfg["augment_scale"]
+    if not (isinstance(sc, (list, tuple)) and len(sc) == 2 and 0 < float(sc[0]) <= float(sc[1])):
+        raise InputError(f"Training config: augment_scale must be [low, high] with 0 < low <= high, got {sc}.")
+    if float(cfg["augment_aspect"]) < 0:
+        raise InputError(f"Training config: augment_aspect must be 0 or more, got {cfg['augment_aspect']}.")
     for key in ("steps", "batch_labeled", "num_classes"):
         if int(cfg[key]) < 1:
             raise InputError(f"Training config: {key} must be at least 1, got {cfg[key]}.")
@@ -231,15 +240,20 @@ class SliceSampler:
         rng: numpy Generator.
         foreground_fraction: probability of drawing a slice with labels (labeled cases).
         augment: random scale/rotation/shift and intensity jitter.
+        scale: range of the random zoom factor (field-of-view differences between scanners).
+        aspect: random anisotropic stretch, x and y scaled by ``exp(+-u)``, ``u`` uniform in
+            ``[-aspect, aspect]`` (non-square slices are resized to a square input).
     """
 
     def __init__(self, cases: list[Case], size: int, rng: np.random.Generator, *, foreground_fraction: float = 0.7,
-                 augment: bool = True) -> None:
+                 augment: bool = True, scale: tuple[float, float] = (0.85, 1.15), aspect: float = 0.0) -> None:
         self.cases = cases
         self.size = size
         self.rng = rng
         self.fg = foreground_fraction
         self.augment = augment
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.aspect = float(aspect)
 
     def _pick(self) -> tuple[Case, int]:
         case = self.cases[int(self.rng.integers(len(self.cases)))]
@@ -270,13 +284,15 @@ class SliceSampler:
         """Resize to S x S through one affine resampling (random when augmenting)."""
         s = self.size
         if self.augment:
-            scale = float(self.rng.uniform(0.85, 1.15))
+            scale = float(self.rng.uniform(*self.scale))
+            stretch = math.exp(float(self.rng.uniform(-self.aspect, self.aspect))) if self.aspect > 0 else 1.0
             ang = math.radians(float(self.rng.uniform(-10, 10)))
             tx, ty = (float(v) for v in self.rng.uniform(-0.08, 0.08, 2))
         else:
-            scale, ang, tx, ty = 1.0, 0.0, 0.0, 0.0
+            scale, stretch, ang, tx, ty = 1.0, 1.0, 0.0, 0.0, 0.0
         c, sn = math.cos(ang) / scale, math.sin(ang) / scale
-        theta = torch.tensor([[[c, -sn, tx], [sn, c, ty]]], dtype=torch.float32)
+        sx, sy = 1.0 / stretch, stretch  # output x/y sample the input at these relative rates
+        theta = torch.tensor([[[c * sx, -sn * sy, tx], [sn * sx, c * sy, ty]]], dtype=torch.float32)
         grid = F.affine_grid(theta, (1, 1, s, s), align_corners=False)
         if max(x.shape[-2:]) > 2 * s:  # antialias before sampling a much smaller grid
             x = F.interpolate(x, size=(2 * s, 2 * s), mode="bilinear", antialias=True, align_corners=False)
@@ -365,11 +381,12 @@ def train_reference(
     unlabeled = [_load_case(e, base, n_cls, with_labels=False) for e in data.get("unlabeled") or []]
     val = [_load_case(e, base, n_cls, with_labels=True) for e in data.get("val") or []]
     ratio = float((data.get("phantoms") or {}).get("ratio", 0.5)) if labeled and phantoms else (1.0 if phantoms else 0.0)
-    kw = {"foreground_fraction": float(cfg["foreground_fraction"]), "augment": bool(cfg["augment"])}
+    kw = {"foreground_fraction": float(cfg["foreground_fraction"]), "augment": bool(cfg["augment"]),
+          "scale": tuple(cfg["augment_scale"]), "aspect": float(cfg["augment_aspect"])}
     samp_real = SliceSampler(labeled, size, rng, **kw) if labeled else None
     samp_ph = SliceSampler(phantoms, size, rng, **kw) if phantoms else None
     # unlabeled slices: the unlabeled cases, else slices of the labeled ones (labels unused)
-    samp_un = SliceSampler(unlabeled or labeled or phantoms, size, rng, foreground_fraction=0.0, augment=bool(cfg["augment"]))
+    samp_un = SliceSampler(unlabeled or labeled or phantoms, size, rng, **{**kw, "foreground_fraction": 0.0})
 
     model_cfgs = []
     for m in cfg["models"]:
