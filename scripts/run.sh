@@ -75,7 +75,8 @@ for i in np.unique(gt[free]):
     a, b = gt[free] == i, res[free] == i
     dice.append(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 png = write_preview(ct, read_labels(out / "phantom_result.nii.gz", ct), out / "phantom_result_preview.png")
-print(f"mean Dice over {len(dice)} labels on the {int(free.sum())} non-anchor slices: {np.mean(dice):.3f}")
+where = f"the {int(free.sum())} non-anchor slices" if anchors else f"all {int(free.sum())} slices (fully automatic: reference + propagation)"
+print(f"mean Dice over {len(dice)} labels on {where}: {np.mean(dice):.3f}")
 print(f"result labels: {out / 'phantom_result.nii.gz'}")
 print(f"PNG preview:   {png}")
 PYEOF

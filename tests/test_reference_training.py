@@ -142,6 +142,11 @@ def test_ensemble_score_hand_case():
     r = ensemble_pseudo_label(hu, [Const(8, 16), Const(8, 16), Const(8, 12)], device="cpu")
     assert int((r.labels[0] == 1).sum()) == 64
     assert r.score == pytest.approx((1 + 1 + 2 * 16 / 80) / 3)
+    # only one of three models sees the organ: the consensus is background; the two that
+    # agree with it (both empty: Dice 1) and the odd one out (Dice 0) -> 2/3, not NaN
+    r = ensemble_pseudo_label(hu, [Const(0, 0), Const(0, 0), Const(8, 16)], device="cpu")
+    assert not r.labels.any()
+    assert r.score == pytest.approx(2 / 3)
     # nobody predicts an organ: no score
     r = ensemble_pseudo_label(hu, [Const(0, 0), Const(0, 0)], device="cpu")
     assert np.isnan(r.score)

@@ -102,7 +102,9 @@ def ensemble_pseudo_label(
     present = [c for c in range(1, n_classes) if size_p[c] > 0 or size_m[:, c].any()]
     for m in range(n_models):
         for c in present:
-            d = 2.0 * inter[m, c] / (size_m[m, c] + size_p[c])
+            denom = size_m[m, c] + size_p[c]
+            # an organ only another model predicts: this model agrees with the consensus (both empty)
+            d = 2.0 * inter[m, c] / denom if denom else 1.0
             per[m][c] = float(d)
             scores.append(d)
     score = float(np.mean(scores)) if scores else float("nan")
