@@ -220,7 +220,7 @@ class PropSegWidget(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.check_btn = QPushButton("Check next")
         self.mark_btn = QPushButton("Mark anchor")
-        self.undo_btn = QPushButton("Undo propagation")
+        self.undo_btn = QPushButton("Undo")
         self.lock_btn = QPushButton("Lock label")
         self.export_btn = QPushButton("Export…")
         self.propagate_btn.setToolTip(f"Propagate the anchors' labels through the volume ({SHORTCUTS['propagate']})")
@@ -826,15 +826,17 @@ class PropSegWidget(QWidget):
 
     @_guarded
     def undo(self) -> None:
-        """Undo the last propagation as one step."""
+        """Undo the last propagation or suggestion as one step (later paint edits stay)."""
         if self.session is None or self._worker is not None:
             return
+        step = self.session.undo_stack.peek()
         zs = self.session.undo()
-        if not zs:
-            _notify("info", "No propagation to undo.")
+        if step is None:
+            _notify("info", "Nothing to undo: no propagation or suggestion since the session started.")
             return
         self._labels_layer.refresh()
-        self.status.setText(f"Undid the last propagation ({len(zs)} slices restored).")
+        what = "suggestion" if step.description == "suggest" else "propagation"
+        self.status.setText(f"Undid the last {what} ({len(zs)} slices restored; slices corrected since kept).")
         self._refresh_anchor_list()
 
     @_guarded

@@ -310,11 +310,14 @@ class UndoStep:
         description: what the operation was ("propagate (stcn)", ...).
         zs: (n,) changed slice indices.
         before: (n, Y, X) those slices before the operation.
+        anchors_before: the anchor book's ``(z, status)`` pairs before the operation, for
+            operations that change anchors (Suggest); None when it left them alone.
     """
 
     description: str
     zs: np.ndarray
     before: np.ndarray
+    anchors_before: list[tuple[int, str]] | None = None
 
 
 class UndoStack:
@@ -331,6 +334,10 @@ class UndoStack:
     def push(self, step: UndoStep) -> None:
         self._steps.append(step)
         del self._steps[: max(0, len(self._steps) - self.max_steps)]
+
+    def peek(self) -> UndoStep | None:
+        """The step :meth:`pop` would return, left on the stack."""
+        return self._steps[-1] if self._steps else None
 
     def pop(self) -> UndoStep | None:
         return self._steps.pop() if self._steps else None
@@ -446,10 +453,12 @@ class Session:
             The slices that became suggested anchors.
         """
         zs = [int(z) for z in zs]
+        keep = [(i, z) for i, z in enumerate(zs) if self.anchors.status(z) != "corrected"]
+        if keep:  # one undo step: the overwritten slices and the anchors as they were
+            idx = np.asarray([z for _, z in keep], dtype=np.int64)
+            self.undo_stack.push(UndoStep("suggest", idx, self.labels[idx].copy(), self.anchors.items()))
         done = []
-        for i, z in enumerate(zs):
-            if self.anchors.status(z) == "corrected":
-                continue
+        for i, z in keep:
             if masks is not None:
                 self.labels[z] = masks[i]
             self.anchors.set(z, "suggested" if self.labels[z].any() else "empty")
@@ -516,10 +525,12 @@ class Session:
         return changed
 
     def undo(self) -> list[int]:
-        """Undo the last propagation: its changed slices get their previous labels back.
+        """Undo the last propagation or suggestion: its slices get their previous labels back.
 
-        Anchors are untouched (a propagation never changes them, and anchors painted
-        since stay anchors).
+        After a propagation anchors are untouched (a propagation never changes them, and
+        anchors painted since stay anchors). After a suggestion the suggested slices leave
+        the anchor book again (those that were anchors before get their old status back);
+        anchors the clinician painted since stay.
 
         Returns:
             The slices restored (empty if there was nothing to undo).
@@ -527,9 +538,24 @@ class Session:
         step = self.undo_stack.pop()
         if step is None:
             return []
-        self.labels[step.zs] = step.before
+        was = dict(step.anchors_before) if step.anchors_before is not None else None
+        restored = []
+        for i, z in enumerate(int(z) for z in step.zs):
+            status = self.anchors.status(z)
+            # a slice the clinician painted after the step keeps the edit: a propagation
+            # never wrote anchors, so an anchor now was made later; a suggested slice
+            # corrected since is the clinician's
+            if (was is None and status is not None) or (was is not None and status == "corrected"):
+                continue
+            self.labels[z] = step.before[i]
+            if was is not None:
+                if z in was:
+                    self.anchors.set(z, was[z])
+                else:
+                    self.anchors.remove(z)
+            restored.append(z)
         self.dirty = True
-        return [int(z) for z in step.zs]
+        return restored
 
     def check_next(self) -> int | None:
         """The non-anchor slice most worth checking: lowest confidence (as the engine's

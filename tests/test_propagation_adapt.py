@@ -134,7 +134,7 @@ def test_cli_adapt_steps(phantom, weights, tmp_path, capsys):
     base = ["propagate", str(img), "--seeds", str(seed_path), "--out", str(out), "--weights", weights, "--device", "cpu", "--quiet"]
     with pytest.raises(SystemExit) as exc:
         cli_main(base + ["--adapt-steps", "-3"])
-    assert exc.value.code == 2 and "negative" in capsys.readouterr().err
+    assert exc.value.code == 2 and "give 0 or more" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli_main(base + ["--adapt-steps", "many"])
     assert exc.value.code == 2

@@ -271,3 +271,32 @@ def test_run_propagation_with_real_engine_interp():
     np.testing.assert_array_equal(res.labels[[4, 11]], gt.array[[4, 11]])
     assert res.labels[7].any()
     assert res.confidence.shape == (16,)
+
+
+def test_suggest_is_one_undo_step_and_undo_keeps_later_edits():
+    s = Session(np.zeros((6, 4, 4), np.uint8))
+    s.labels[1] = 4  # a propagated (non-anchor) slice the suggestion will overwrite
+    s.labels[3] = 7
+    s.record_edit([3])  # the clinician's slice: never overwritten, never reverted
+    before = s.labels.copy()
+    masks = np.stack([np.full((4, 4), v, np.uint8) for v in (1, 2, 3)])
+    assert s.set_suggested([1, 3, 5], masks) == [1, 5]
+    assert len(s.undo_stack) == 1
+    assert s.anchors.items() == [(1, "suggested"), (3, "corrected"), (5, "suggested")]
+    s.labels[5] = 9
+    s.record_edit([5])  # corrected after the suggestion: undo must keep it
+    assert s.undo() == [1]
+    np.testing.assert_array_equal(s.labels[1], before[1])
+    assert (s.labels[5] == 9).all() and (s.labels[3] == 7).all()
+    assert s.anchors.items() == [(3, "corrected"), (5, "corrected")]
+
+
+def test_undo_propagation_keeps_slices_painted_since():
+    s = Session(np.zeros((5, 3, 3), np.uint8))
+    s.labels[0] = 1
+    s.record_edit([0])
+    s.apply_result(np.ones_like(s.labels), "propagate (test)")
+    s.labels[2] = 5
+    s.record_edit([2])  # a correction after the propagation
+    assert s.undo() == [1, 3, 4]
+    assert (s.labels[2] == 5).all() and not s.labels[[1, 3, 4]].any()

@@ -389,7 +389,7 @@ def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
     np.testing.assert_array_equal(layer.data[zs], direct.labels[zs])
     others = [z for z in range(ct.shape[0]) if z not in zs]
     assert not layer.data[others].any(), "labels written on the suggested slices only"
-    assert len(s.undo_stack) == 0
+    assert len(s.undo_stack) == 1 and s.undo_stack.peek().description == "suggest"
 
     # the clinician corrects one suggested slice: it becomes "corrected", the rest stay "suggested"
     gt = viewer.layers["phantom labels (ground truth)"].data
@@ -411,7 +411,16 @@ def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
     np.testing.assert_array_equal(layer.data[zs], on_anchors)
     between = [z for z in range(zs[0] + 1, zs[-1]) if z not in zs]
     assert all(layer.data[z].any() for z in between), "slices between anchors are filled"
-    assert len(s.undo_stack) == 1
+    assert len(s.undo_stack) == 2
+
+    # Undo twice: the propagation, then the suggestion; the corrected slice stays
+    widget.undo_btn.click()
+    assert not layer.data[between].any()
+    widget.undo_btn.click()
+    assert s.anchors.items() == [(z_fix, "corrected")]
+    np.testing.assert_array_equal(layer.data[z_fix], on_anchors[1])
+    assert not layer.data[[z for z in range(ct.shape[0]) if z != z_fix]].any()
+    assert "suggestion" in widget.status.text()
 
 
 def test_suggest_cancel_leaves_labels_and_anchors(viewer_widget, qtbot, monkeypatch):
