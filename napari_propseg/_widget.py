@@ -225,7 +225,7 @@ class PropSegWidget(QWidget):
         self.export_btn = QPushButton("Export…")
         self.propagate_btn.setToolTip(f"Propagate the anchors' labels through the volume ({SHORTCUTS['propagate']})")
         self.check_btn.setToolTip(f"Jump to the slice most worth checking ({SHORTCUTS['check_next']})")
-        self.mark_btn.setToolTip(f"Add or remove the current slice as an anchor ({SHORTCUTS['mark_anchor']})")
+        self.mark_btn.setToolTip(f"Add the current slice as an anchor, confirm a suggested slice as it is, or remove an anchor ({SHORTCUTS['mark_anchor']})")
         self.lock_btn.setToolTip("Lock/unlock the selected label id: propagation never changes a locked label")
         self.export_btn.setToolTip("Write the labels on the original CT grid (NIfTI or NRRD) with a label map JSON")
         self.cancel_btn.setEnabled(False)
@@ -581,7 +581,12 @@ class PropSegWidget(QWidget):
     def check_next(self) -> None:
         if self.session is None:
             return
-        z = None
+        z = self.session.next_unverified()  # the reference module's slices are checked first
+        if z is not None:
+            self.goto(z)
+            self.status.setText(f"Check suggested slice {z}: paint a correction, or press Mark anchor "
+                                f"({SHORTCUTS['mark_anchor']}) to confirm it as it is; then Check next again.")
+            return
         if self._engine is not None and self.session.confidence is not None and hasattr(self._engine, "suggest_next"):
             try:
                 z = int(self._engine.suggest_next(self.session.confidence, self.session.anchors.zs))
@@ -816,7 +821,7 @@ class PropSegWidget(QWidget):
 
         def done(sugg):
             masks = np.asarray(sugg.labels)[list(sugg.slices)]
-            zs = self.session.set_suggested(sugg.slices, masks)
+            zs = self.session.set_suggested(sugg.slices, masks, getattr(sugg, "agreement", None))
             self._labels_layer.refresh()
             self._changed_since.update(zs)
             self.status.setText(f"Suggested {len(zs)} slices; check and correct them, then Propagate.")

@@ -418,6 +418,7 @@ class Session:
         self.anchors = AnchorBook(labels.shape[0])
         self.locked: set[int] = set()
         self.confidence: np.ndarray | None = None  # (Z,) in [0, 1], nan where unknown
+        self.suggest_agreement: dict[int, float] = {}  # suggested slice -> reference pair's agreement
         self.undo_stack = UndoStack(max_undo)
         self.dirty = False
         self.saved_path: Path | None = None
@@ -441,13 +442,17 @@ class Session:
             self.dirty = True
         return done
 
-    def set_suggested(self, zs: Iterable[int], masks: np.ndarray | None = None) -> list[int]:
+    def set_suggested(self, zs: Iterable[int], masks: np.ndarray | None = None,
+                      agreement: dict[int, float] | None = None) -> list[int]:
         """Write reference-module masks on slices ``zs`` and mark them ``suggested``.
 
         Args:
             zs: slice indices.
             masks: (len(zs), Y, X) label slices, or None when ``labels`` already holds
                 them. Slices already ``corrected`` by the clinician are left alone.
+            agreement: slice -> the reference networks' agreement on it (see
+                :class:`~napari_propseg.reference.inference.Suggestion`); the least agreed
+                suggested slice is checked first.
 
         Returns:
             The slices that became suggested anchors.
@@ -462,16 +467,31 @@ class Session:
             if masks is not None:
                 self.labels[z] = masks[i]
             self.anchors.set(z, "suggested" if self.labels[z].any() else "empty")
+            if agreement is not None and z in agreement:
+                self.suggest_agreement[z] = float(agreement[z])
             done.append(z)
         self.dirty = self.dirty or bool(done)
         return done
 
+    def next_unverified(self) -> int | None:
+        """The ``suggested`` anchor to check first: the reference module's output that the
+        clinician has not confirmed yet, least agreed between its networks first (ties and
+        unknown agreement: lowest z). None when no suggested slice is left."""
+        zs = [z for z, st in self.anchors.items() if st == "suggested"]
+        if not zs:
+            return None
+        return min(zs, key=lambda z: (self.suggest_agreement.get(z, 0.0), z))
+
     def toggle_anchor(self, z: int) -> bool:
-        """Add slice ``z`` as an anchor (status from its content) or remove it.
+        """Add slice ``z`` as an anchor (status from its content), confirm a ``suggested``
+        one as it is (it becomes ``corrected``), or remove a confirmed one.
 
         Returns:
             True if ``z`` is an anchor afterwards.
         """
+        if self.anchors.status(z) == "suggested":
+            self.record_edit([z])
+            return True
         if z in self.anchors:
             self.anchors.remove(z)
             self.dirty = True
@@ -558,9 +578,13 @@ class Session:
         return restored
 
     def check_next(self) -> int | None:
-        """The non-anchor slice most worth checking: lowest confidence (as the engine's
-        ``suggest_next``), else, before any propagation, the labeled slice farthest from
-        every anchor. None when every slice is an anchor."""
+        """The slice most worth checking: an unverified suggested slice first
+        (:meth:`next_unverified`), then the non-anchor slice of lowest confidence (as the
+        engine's ``suggest_next``), else, before any propagation, the labeled slice
+        farthest from every anchor. None when every slice is a verified anchor."""
+        z_sug = self.next_unverified()
+        if z_sug is not None:
+            return z_sug
         z_all = np.arange(self.labels.shape[0])
         free = np.ones(len(z_all), bool)
         free[self.anchors.zs] = False
@@ -614,6 +638,7 @@ class Session:
                 "labels_file": labels_name,
                 "anchors": self.anchors.to_list(),
                 "locked": sorted(int(i) for i in self.locked),
+                "suggest_agreement": {str(z): float(a) for z, a in self.suggest_agreement.items()},
                 "settings": _jsonable(self.settings),
                 "saved_at": time.time(),
             }
@@ -658,6 +683,7 @@ class Session:
         s = cls(labels, geometry or doc["geometry"], doc.get("settings") or {})
         s.anchors = AnchorBook.from_list(labels.shape[0], doc.get("anchors") or [])
         s.locked = {int(i) for i in doc.get("locked") or []}
+        s.suggest_agreement = {int(z): float(a) for z, a in (doc.get("suggest_agreement") or {}).items()}
         s.confidence = conf if conf.size == labels.shape[0] else None
         s.saved_path = folder
         s.last_saved = float(doc.get("saved_at") or 0.0)

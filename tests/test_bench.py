@@ -304,3 +304,19 @@ def test_speed_and_metrics_speed_tiny(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["labels"] == 3 and 0.3 < out["mean_dice"] < 1.0 and out["seconds"] > 0
     assert main(["bench", "speed", "--shape", "16,32,x"]) == 2
+
+
+def test_loop_suggest_checks_the_unverified_start_slices_first_least_agreed_first():
+    gt = _cone(20)
+    init = bp.make_seeds(gt, [3, 10, 16])
+    res = bloop.run_loop(np.zeros(gt.shape, np.int16), gt, (1, 1, 1), methods=("nearest",), policies=("suggest",),
+                         initial=(init, [3, 10, 16], {3: 0.9, 10: 0.4, 16: 0.6}), engine_factory=lambda m: NearestEngine(),
+                         max_rounds=5, stop_at_target=False)
+    slices = [r["slice"] for r in res["curves"][0]["rounds"][1:]]
+    assert slices[:3] == [10, 16, 3]  # the reference pair's least agreed slice first
+    assert all(s not in (3, 10, 16) for s in slices[3:])  # then the engine's confidence
+    # without agreement: ascending z
+    res = bloop.run_loop(np.zeros(gt.shape, np.int16), gt, (1, 1, 1), methods=("nearest",), policies=("suggest",),
+                         initial=(init, [16, 3, 10]), engine_factory=lambda m: NearestEngine(), max_rounds=3,
+                         stop_at_target=False)
+    assert [r["slice"] for r in res["curves"][0]["rounds"][1:]] == [3, 10, 16]

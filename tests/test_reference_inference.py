@@ -154,3 +154,20 @@ def test_shipped_starter_weights_segment_an_unseen_phantom():
         assert b.sum() > 200, f"organ {organ} should be on the suggested slices of this phantom"
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
         assert dice > 0.7, f"organ {organ}: Dice {dice:.2f} on the suggested slices"
+
+
+def test_slice_agreement_hand_case():
+    from napari_propseg.reference.inference import slice_agreement
+
+    a = torch.zeros(4, 4, dtype=torch.long)
+    a[:2, :2] = 1  # 4 px of class 1
+    b = torch.zeros(4, 4, dtype=torch.long)
+    b[:2, :1] = 1  # 2 px of class 1
+    b[3, 3] = 2  # 1 px of class 2 only B sees
+    ens = a.clone()  # the ensemble follows A
+    # class 1: A 1.0, B 2*2/(2+4); class 2: A agrees (both empty) 1.0, B 0
+    expected = (1.0 + 4 / 6 + 1.0 + 0.0) / 4
+    assert slice_agreement([a, b], ens, 3) == pytest.approx(expected)
+    assert slice_agreement([torch.zeros_like(a)] * 2, torch.zeros_like(a), 3) == 1.0
+    sug = suggest_slices(_volume(), [ThresholdNet(), ThresholdNet()], k=3, device="cpu")
+    assert set(sug.agreement) == set(sug.processed) and all(v == pytest.approx(1.0) for v in sug.agreement.values())

@@ -184,6 +184,7 @@ def test_save_load_resume(tmp_path, monkeypatch):
     s.record_edit([2, 6])
     s.locked = {4}
     s.confidence = np.linspace(0, 1, 8).astype(np.float32)
+    s.set_suggested([5], np.ones((1, 6, 5), np.uint8), agreement={5: 0.25})
     folder = s.save()
     assert folder.parent == tmp_path / "home" and not s.dirty
     assert find_session(geom) == folder
@@ -193,7 +194,8 @@ def test_save_load_resume(tmp_path, monkeypatch):
     assert len(list(folder.glob("labels-*.npz"))) == 1
     r = Session.load(folder, geom)
     np.testing.assert_array_equal(r.labels, s.labels)
-    assert r.anchors.items() == [(2, "corrected"), (6, "empty")]
+    assert r.anchors.items() == [(2, "corrected"), (5, "suggested"), (6, "empty")]
+    assert r.suggest_agreement == {5: 0.25} and r.next_unverified() == 5
     assert r.locked == {4} and r.settings["method"] == "interp"
     np.testing.assert_allclose(r.confidence, s.confidence)
     # another image: no session found, and loading it explicitly is refused
@@ -300,3 +302,19 @@ def test_undo_propagation_keeps_slices_painted_since():
     s.record_edit([2])  # a correction after the propagation
     assert s.undo() == [1, 3, 4]
     assert (s.labels[2] == 5).all() and not s.labels[[1, 3, 4]].any()
+
+
+def test_check_next_points_at_unverified_suggested_slices_first_and_mark_confirms():
+    s = Session(np.zeros((8, 4, 4), np.uint8))
+    masks = np.ones((3, 4, 4), np.uint8)
+    s.set_suggested([1, 4, 6], masks, agreement={1: 0.9, 4: 0.3, 6: 0.5})
+    s.confidence = np.linspace(0, 1, 8)  # slice 0 would be the least confident otherwise
+    assert s.next_unverified() == 4 and s.check_next() == 4
+    assert s.toggle_anchor(4) is True  # Mark on a suggested slice confirms it as it is
+    assert s.anchors.status(4) == "corrected"
+    assert s.check_next() == 6
+    s.labels[6] = 2
+    s.record_edit([6])  # painted: corrected
+    s.toggle_anchor(1)
+    assert s.next_unverified() is None and s.check_next() == 0  # then the engine's confidence
+    assert s.toggle_anchor(1) is False  # a confirmed anchor toggles off

@@ -160,7 +160,7 @@ def run_loop(
     methods: Sequence[str] = LOOP_METHODS,
     policies: Sequence[str] = POLICIES,
     k: int = 3,
-    initial: tuple[np.ndarray, Sequence[int]] | None = None,
+    initial: tuple | None = None,
     targets: Sequence[float] = DEFAULT_TARGETS,
     max_rounds: int | None = None,
     stop_at_target: bool = True,
@@ -181,8 +181,12 @@ def run_loop(
         methods: engine methods (``stcn``, ``interp``).
         policies: subset of :data:`POLICIES`.
         k: number of evenly spaced GT start slices (ignored with ``initial``).
-        initial: ``(labels, anchors)`` to start from instead (e.g. the reference module's
-            prediction on its sampled slices); ``labels`` (Z, Y, X) holds the anchors.
+        initial: ``(labels, anchors)`` or ``(labels, anchors, agreement)`` to start from
+            instead (e.g. the reference module's prediction on its sampled slices);
+            ``labels`` (Z, Y, X) holds the anchors. These start anchors are unverified: the
+            ``suggest`` policy checks them first, as the widget's Check next does, least
+            agreed first (``agreement``: slice -> the reference pair's agreement, else
+            ascending z), then follows the engine's confidence.
         targets: mean-Dice levels whose cost (slices, seconds) is reported.
         max_rounds: cap on corrected slices (default: every slice).
         stop_at_target: stop a curve once the highest target is reached.
@@ -222,6 +226,8 @@ def run_loop(
         if labels0.shape != gt.shape:
             raise InputError(f"The initial label volume has shape {labels0.shape}, the ground truth {gt.shape}; they must match.")
         start = f"given initial labels with {len(anchors0)} anchor slices"
+    agreement = dict(initial[2]) if initial is not None and len(initial) > 2 and initial[2] else {}
+    unverified0 = [] if initial is None else sorted(anchors0, key=lambda a: (agreement.get(a, 0.0), a))
     cap = z if max_rounds is None else int(max_rounds)
     factory = engine_factory or _default_factory(image_hu, weights, device, spacing)
     out: dict[str, Any] = {
@@ -272,7 +278,11 @@ def run_loop(
                         break
                     candidates = [s for s in range(z) if s not in corrected and (initial is not None or s not in anchors)]
                     t0 = time.perf_counter()
-                    zc = _choose(policy, candidates, pred=pred, gt=gt, engine=engine, confidence=conf, anchors=anchors, rng=rng)
+                    pending = [a for a in unverified0 if a not in corrected]
+                    if policy == "suggest" and pending:
+                        zc = pending[0]  # the tool asks to check its own suggested slices first
+                    else:
+                        zc = _choose(policy, candidates, pred=pred, gt=gt, engine=engine, confidence=conf, anchors=anchors, rng=rng)
                     t_choose = time.perf_counter() - t0 if policy == "suggest" else 0.0
                     if zc is None:
                         break

@@ -176,7 +176,7 @@ def run_loop_cmd(args: argparse.Namespace) -> int:
             from ..reference.inference import suggest_slices
 
             sug = suggest_slices(case.image_hu, args.reference_weights, k=args.k, device=device)
-            initial = (sug.labels, sug.slices)
+            initial = (sug.labels, sug.slices, sug.agreement)
         results.append(run_loop(case.image_hu, case.labels, case.spacing, methods=methods, policies=policies, k=args.k,
                                 initial=initial, max_rounds=args.max_rounds, stop_at_target=not args.no_stop,
                                 weights=args.weights, device=device, seed=args.seed, case=case.name, progress=_bar))

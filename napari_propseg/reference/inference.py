@@ -48,6 +48,10 @@ class Suggestion:
         areas: ``(len(processed), C)`` predicted pixel count per processed slice and class.
         seconds: wall-clock time of the network passes.
         processed: every slice that went through the networks (``sampled`` plus the scan).
+        agreement: slice -> agreement of the networks on it, in [0, 1]: the mean over
+            networks and classes present of Dice(network's argmax, ensemble argmax), 1.0
+            when nothing is predicted (the pseudo-label score of one slice). Low values are
+            the suggested slices most worth checking first.
     """
 
     slices: list[int]
@@ -57,6 +61,7 @@ class Suggestion:
     areas: np.ndarray | None = None
     seconds: float = 0.0
     processed: list[int] = field(default_factory=list)
+    agreement: dict[int, float] = field(default_factory=dict)
 
 
 def default_k(n_slices: int) -> int:
@@ -221,10 +226,13 @@ def suggest_slices(
     n_classes = int(nets[0].config["num_classes"])
     dtype = np.uint8 if n_classes <= 256 else np.uint16
     pred = np.zeros((len(processed),) + hu.shape[1:], dtype=dtype)
+    agreement: dict[int, float] = {}
     t0 = time.perf_counter()
     for i, (z, probs) in enumerate(iter_slice_probabilities(hu, nets, processed, device=device, progress=progress, cancel=cancel)):
         total = torch.stack(probs).sum(0)  # C, Y, X: summed softmax of the ensemble
-        pred[i] = total.argmax(0).numpy().astype(dtype)
+        ens = total.argmax(0)
+        pred[i] = ens.numpy().astype(dtype)
+        agreement[int(z)] = slice_agreement([p.argmax(0) for p in probs], ens, n_classes)
     seconds = time.perf_counter() - t0
     areas = np.stack([np.bincount(p.ravel(), minlength=n_classes)[:n_classes] for p in pred])  # n, C
     per_organ_best: dict[int, int] = {}
@@ -237,7 +245,33 @@ def suggest_slices(
     for z in chosen:
         labels[z] = pred[index[z]]
     log.info("suggested %d slices (%d sampled) in %.2f s", len(chosen), len(sampled), seconds)
-    return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed)
+    return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed, agreement)
+
+
+def slice_agreement(masks: Sequence[torch.Tensor], ensemble: torch.Tensor, n_classes: int) -> float:
+    """Mean Dice between each network's mask and the ensemble mask on one slice.
+
+    Args:
+        masks: M ``(Y, X)`` argmax label maps, one per network.
+        ensemble: ``(Y, X)`` argmax of the summed probabilities.
+        n_classes: number of classes (0 = background, not scored).
+
+    Returns:
+        Mean over networks and foreground classes present in any map of the Dice with the
+        ensemble; 1.0 when no map holds foreground.
+    """
+    ens = ensemble.reshape(-1)
+    size_e = torch.bincount(ens, minlength=n_classes)[:n_classes]
+    flat = [m.reshape(-1) for m in masks]
+    sizes = [torch.bincount(mk, minlength=n_classes)[:n_classes] for mk in flat]
+    present = [c for c in range(1, n_classes) if size_e[c] > 0 or any(sz[c] > 0 for sz in sizes)]
+    scores = []
+    for mk, size_m in zip(flat, sizes):
+        inter = torch.bincount(mk[mk == ens], minlength=n_classes)[:n_classes]
+        for c in present:
+            denom = int(size_m[c] + size_e[c])
+            scores.append(2.0 * int(inter[c]) / denom if denom else 1.0)  # both empty: agrees
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def segment_volume(
