@@ -701,7 +701,7 @@ class PropagationEngine:
         y0, y1, x0, x1 = self.box if self.box is not None else (0, h, 0, w)
         full = F.interpolate(p.unsqueeze(0), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
         lut = torch.as_tensor([0] + list(objects), dtype=torch.int64, device=p.device)
-        crop = lut[full.argmax(dim=0)].cpu().numpy().astype(labels.dtype)
+        crop = lut[_channel_argmax(full)].cpu().numpy().astype(labels.dtype)
         lab = np.zeros((h, w), dtype=labels.dtype)  # outside the body crop: background
         lab[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = crop[max(0, -y0):crop.shape[0] - max(0, y1 - h), max(0, -x0):crop.shape[1] - max(0, x1 - w)]
         if locked.size:
@@ -709,6 +709,13 @@ class PropagationEngine:
             lab[keep] = labels[z][keep]
         out[z] = lab
         fused[z] = _certainty(p)
+
+
+def _channel_argmax(p: torch.Tensor) -> torch.Tensor:
+    """Arg-max over the class axis of (C, H, W): ``torch.max(..., dim=0).indices`` (same
+    result, first maximum on ties; on the CPU about 10x faster than ``argmax(dim=0)`` for
+    11 x 400 x 400, which dominated the per-slice finishing time)."""
+    return torch.max(p, dim=0).indices
 
 
 def _sdf_probs(sdf: tuple[torch.Tensor, torch.Tensor], wa: float) -> torch.Tensor:
@@ -727,7 +734,7 @@ def _sdf_probs(sdf: tuple[torch.Tensor, torch.Tensor], wa: float) -> torch.Tenso
 # --------------------------------------------------------------------------- confidence terms
 def _agreement(pa: torch.Tensor, pb: torch.Tensor) -> float:
     """Fraction of the foreground (of either pass) where two passes' arg-max labels agree."""
-    ha, hb = pa.argmax(dim=0), pb.argmax(dim=0)
+    ha, hb = _channel_argmax(pa), _channel_argmax(pb)
     union = (ha > 0) | (hb > 0)
     n = int(union.sum())
     if n == 0:

@@ -230,9 +230,9 @@ def suggest_slices(
     t0 = time.perf_counter()
     for i, (z, probs) in enumerate(iter_slice_probabilities(hu, nets, processed, device=device, progress=progress, cancel=cancel)):
         total = torch.stack(probs).sum(0)  # C, Y, X: summed softmax of the ensemble
-        ens = total.argmax(0)
+        ens = torch.max(total, dim=0).indices  # = argmax(0), much faster on the CPU
         pred[i] = ens.numpy().astype(dtype)
-        agreement[int(z)] = slice_agreement([p.argmax(0) for p in probs], ens, n_classes)
+        agreement[int(z)] = slice_agreement([torch.max(p, dim=0).indices for p in probs], ens, n_classes)
     seconds = time.perf_counter() - t0
     areas = np.stack([np.bincount(p.ravel(), minlength=n_classes)[:n_classes] for p in pred])  # n, C
     per_organ_best: dict[int, int] = {}
