@@ -180,7 +180,7 @@ def test_keys_encoded_once_and_cached(weights):
 
 def test_anchor_values_cached_until_the_anchor_changes(weights):
     vol, lab, anchors = _case()
-    eng = _engine(vol, weights, memory_every=1)
+    eng = _engine(vol, weights, memory_every=1, pass_cache_mb=0)  # no pass cache: every pass runs
     eng.propagate(lab, anchors)
     n1 = eng.stats["values_encoded"]
     eng.propagate(lab, anchors)
@@ -346,3 +346,48 @@ def test_body_crop_repeated_from_training_meta(tmp_path):
     bad = save_weights(tmp_path / "bad.pt", "stcn", net.config, net.state_dict(), {"preprocessing": {"crop": "lungs"}})
     with pytest.raises(InputError, match="crop='lungs'"):
         PropagationEngine(vol, weights=str(bad), device="cpu")
+
+
+def test_repropagation_reuses_the_passes_a_new_anchor_leaves_intact(weights):
+    """A new anchor c in the gap (a, b): the passes from a up to c and from b down to c are
+    the beginnings of the old passes, so only the two passes starting at c run; the labels
+    equal a fresh engine's full propagation with the same anchors."""
+    vol, lab, _ = _case(depth=16, anchors=(2, 8, 13))
+    eng = _engine(vol, weights)
+    first = eng.propagate(lab, [2, 8, 13])
+    assert eng.stats["passes_run"] == 6 and eng.stats["passes_reused"] == 0  # 2 gaps x 2 passes + below 2 + above 13
+    edited = first.labels.copy()
+    edited[5] = 0
+    edited[5, 6:12, 4:12] = 2
+    anchors = [2, 5, 8, 13]
+    run0, reused0 = eng.stats["passes_run"], eng.stats["passes_reused"]
+    res = eng.repropagate(edited, anchors, changed=[5])
+    assert eng.stats["passes_run"] - run0 == 2 and eng.stats["passes_reused"] - reused0 == 2
+    fresh = _engine(vol, weights).propagate(edited, anchors)
+    assert np.array_equal(res.labels, fresh.labels)
+    np.testing.assert_allclose(res.confidence[res.computed], fresh.confidence[res.computed], atol=1e-6)
+    # the same full propagation again runs nothing
+    run1 = eng.stats["passes_run"]
+    again = eng.propagate(edited, anchors)
+    assert eng.stats["passes_run"] == run1 and np.array_equal(again.labels, fresh.labels)
+    # editing anchor 5 again invalidates only the passes that start there
+    edited[5] = np.roll(edited[5], 2, axis=0)
+    run2 = eng.stats["passes_run"]
+    res2 = eng.repropagate(edited, anchors, changed=[5])
+    assert eng.stats["passes_run"] - run2 == 2
+    assert np.array_equal(res2.labels, _engine(vol, weights).propagate(edited, anchors).labels)
+
+
+def test_pass_cache_off_and_bounded(weights):
+    vol, lab, anchors = _case(depth=16, anchors=(2, 8, 13))
+    off = _engine(vol, weights, pass_cache_mb=0)
+    a = off.propagate(lab, anchors)
+    b = off.propagate(lab, anchors)
+    assert off.stats["passes_reused"] == 0 and not off._passes
+    assert np.array_equal(a.labels, b.labels)
+    # a budget smaller than one pass keeps nothing; one pass of 3 channels x 32 x 32 bytes fits in 4 KB
+    tiny = _engine(vol, weights, pass_cache_mb=4096 / 2**20)
+    tiny.propagate(lab, anchors)
+    assert sum(p.nbytes for p in tiny._passes.values()) <= 4096
+    with pytest.raises(InputError):
+        _engine(vol, weights, pass_cache_mb=-1)

@@ -9,7 +9,9 @@ Semantics:
 * **Between two anchors** ``a < b`` the labels are propagated from ``a`` upward and from
   ``b`` downward; the two passes' class probabilities are fused per slice with linear
   weights favouring the nearer anchor, ``w_a = (b - z) / (b - a)``, ``w_b = 1 - w_a``.
-  The objects are the labels on either anchor.
+  Each pass carries the labels of its own anchor (a label missing there has probability
+  0 in that pass; an anchor without labels gives pure background); the result holds the
+  labels of either anchor.
 * **Beyond the outermost anchors** the labels of that anchor are propagated outward; a
   label stops once its probability stays under ``stop_threshold`` everywhere on
   ``stop_patience`` consecutive slices, and propagation ends when every label stopped
@@ -22,6 +24,13 @@ Semantics:
   slice share one key and one affinity, and a second propagation re-encodes nothing.
 * **Re-propagation** after corrections recomputes only the gaps next to each changed slice
   (outward too when it is an outermost anchor); every other slice is returned unchanged.
+* **Passes are cached** (up to ``pass_cache_mb``): a pass depends only on its start anchor,
+  its objects and the slices it crosses, so when a new anchor ``c`` splits the gap
+  ``(a, b)`` the pass from ``a`` up to ``c`` is the beginning of the old pass from ``a`` up
+  to ``b`` (likewise from ``b`` down), and only the two passes starting at ``c`` run the
+  network: re-propagation costs about half of recomputing the gaps. Pass outputs are
+  stored as 8-bit probabilities (steps of 1/255), which every fusion uses, so a cached and
+  a fresh run give identical labels.
 * **Locked labels** are never propagated or overwritten: their voxels are kept as in the
   input on every slice.
 * The network works at its config's resolution (slices resized to ``R x R``); fused
@@ -59,6 +68,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -198,6 +208,9 @@ class PropagationEngine:
             weights in use. 0 (default) propagates with the loaded weights.
         adapt_options: overrides of :data:`~.adapt.ADAPT_DEFAULTS` (``lr``,
             ``batch_size``, ``num_frames``, ...).
+        pass_cache_mb: most megabytes of pass outputs kept for reuse (oldest pass evicted
+            first; 0 turns the cache off). 8-bit ``(K + 1) x R x R`` per slice and pass:
+            10 labels at 256 px, 129 slices, two passes each, take about 190 MB.
 
     Raises:
         InputError: bad volume or parameter, an unknown method or device, no trained
@@ -220,6 +233,7 @@ class PropagationEngine:
         prior_weight: float = 0.7,
         adapt_steps: int = 0,
         adapt_options: dict | None = None,
+        pass_cache_mb: float = 768.0,
     ) -> None:
         vol = np.asarray(volume_hu)
         if vol.ndim != 3 or min(vol.shape) < 1:
@@ -234,6 +248,8 @@ class PropagationEngine:
             raise InputError(f"Unknown propagation prior {prior!r}; use one of {', '.join(PRIORS)}.")
         if not 0.0 <= float(prior_weight) <= 1.0:
             raise InputError(f"prior_weight must lie in [0, 1], got {prior_weight}.")
+        if not float(pass_cache_mb) >= 0.0:
+            raise InputError(f"pass_cache_mb must be 0 or more, got {pass_cache_mb}.")
         if int(adapt_steps) < 0:
             raise InputError(f"adapt_steps must be 0 or more, got {adapt_steps}.")
         if int(adapt_steps) > 0 and method != "stcn":
@@ -269,9 +285,12 @@ class PropagationEngine:
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
         self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # (start, step, stop, objects, anchor digest) -> _CachedPass, oldest first
+        self._passes: OrderedDict[tuple, _CachedPass] = OrderedDict()
+        self._pass_budget = int(float(pass_cache_mb) * 2**20)
         self._confidence = np.full(vol.shape[0], np.nan, dtype=np.float32)
         #: counters for tests and benchmarks: keys encoded, values encoded, largest memory bank.
-        self.stats = {"keys_encoded": 0, "values_encoded": 0, "memory_peak": 0}
+        self.stats = {"keys_encoded": 0, "values_encoded": 0, "memory_peak": 0, "passes_run": 0, "passes_reused": 0}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -379,6 +398,7 @@ class PropagationEngine:
         """Forget every cached key and value (they belong to the weights that made them)."""
         self._keys.clear()
         self._values.clear()
+        self._passes.clear()
 
     @staticmethod
     def _anchor_digest(labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> bytes:
@@ -570,7 +590,8 @@ class PropagationEngine:
             tick: called once per target slice.
 
         Returns:
-            slice -> (K+1, R, R) float32 probabilities (channel 0 background).
+            slice -> (K+1, R, R) uint8 probabilities (x / 255; channel 0 background):
+            compact while other passes run, and what :meth:`_cached_pass` keeps.
         """
         k = start_values.shape[1]
         bank = MemoryBank(cap=self.memory_cap, every=self.memory_every)
@@ -610,10 +631,53 @@ class PropagationEngine:
                     bank.add(z, qk[0], v[0])
             else:
                 prob[0] = 1.0
-            probs[z] = prob
+            probs[z] = _quantize(prob)
             tick(z)
         self.stats["memory_peak"] = max(self.stats["memory_peak"], bank.peak)
         return probs
+
+    def _cached_pass(self, start: int, labels: np.ndarray, locked: np.ndarray, targets: list[int], *,
+                     stop: bool, tick: Callable[[int], None], cancel) -> tuple[dict[int, torch.Tensor | None], list[int]]:
+        """:meth:`_pass` from anchor ``start`` over ``targets``, carrying the (unlocked) labels
+        of that anchor, 8-bit; reused when cached.
+
+        A pass is a function of its start anchor's labels, its direction and stop rule and
+        the slices it crosses (in order, always beginning next to the anchor), so any
+        earlier pass with the same key whose targets begin with ``targets`` holds the
+        answer. A cancelled pass caches nothing. An anchor without labels ("no organ here")
+        runs no network: its pass is pure background (``None`` per slice).
+
+        Returns:
+            (slice -> (K+1, R, R) uint8 probabilities (x / 255) or None, the K object ids).
+        """
+        objects = [int(i) for i in np.unique(labels[start]) if i != 0 and i not in locked]
+        if not objects:
+            for z in targets:
+                check_cancel(cancel)
+                tick(z)
+            return {z: None for z in targets}, objects
+        digest = hashlib.blake2b(np.ascontiguousarray(labels[start]).tobytes() + locked.tobytes(), digest_size=16).digest()
+        key = (start, 1 if targets[0] > start else -1, stop, digest)
+        hit = self._passes.get(key)
+        if hit is not None and hit.targets[: len(targets)] == targets:
+            self._passes.move_to_end(key)
+            self.stats["passes_reused"] += 1
+            for z in targets:
+                check_cancel(cancel)
+                tick(z)
+            return {z: hit.probs[z] for z in targets}, objects
+        values = self._anchor_values(start, labels[start], objects, locked)
+        probs = self._pass(start, values, targets, stop=stop, tick=tick, cancel=cancel)
+        self.stats["passes_run"] += 1
+        if self._pass_budget > 0:
+            entry = _CachedPass(list(targets), probs)
+            if entry.nbytes <= self._pass_budget:
+                if hit is not None:  # a shorter pass of the same key: the new one covers it
+                    del self._passes[key]
+                self._passes[key] = entry
+                while sum(p.nbytes for p in self._passes.values()) > self._pass_budget:
+                    self._passes.popitem(last=False)
+        return dict(probs), objects
 
     def _run_stcn(self, labels, segs, locked, out, progress, cancel) -> np.ndarray:
         depth = labels.shape[0]
@@ -627,6 +691,7 @@ class PropagationEngine:
 
         agreement: dict[int, float] = {}
         fused: dict[int, torch.Tensor] = {}
+        r = self.model.resolution
         with torch.inference_mode():
             for seg in segs:
                 zs = seg.slices
@@ -642,14 +707,13 @@ class PropagationEngine:
                             tick(z)
                     continue
                 if seg.kind == "between":
-                    up = self._pass(seg.lo, self._anchor_values(seg.lo, labels[seg.lo], objects, locked), zs, stop=False, tick=tick, cancel=cancel)
-                    for z in zs:  # keep the first pass compact while the second runs
-                        up[z] = up[z].to(torch.float16)
-                    down = self._pass(seg.hi, self._anchor_values(seg.hi, labels[seg.hi], objects, locked), zs[::-1], stop=False, tick=tick, cancel=cancel)
+                    up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
+                    down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
                     sdf = self._anchor_sdf(labels[seg.lo], labels[seg.hi], objects) if self.prior == "sdf" and self.prior_weight > 0 else None
                     for z in zs:
                         wa = (seg.hi - z) / (seg.hi - seg.lo)
-                        pu, pd = up.pop(z).float(), down.pop(z)
+                        pu = _expand(up.pop(z), up_objects, objects, r, self.device)
+                        pd = _expand(down.pop(z), down_objects, objects, r, self.device)
                         p = wa * pu + (1.0 - wa) * pd
                         agreement[z] = _agreement(pu, pd)
                         if sdf is not None:
@@ -658,10 +722,10 @@ class PropagationEngine:
                 else:
                     start = seg.hi if seg.kind == "below" else seg.lo
                     order = zs[::-1] if seg.kind == "below" else zs
-                    probs = self._pass(start, self._anchor_values(start, labels[start], objects, locked), order, stop=True, tick=tick, cancel=cancel)
+                    probs, _ = self._cached_pass(start, labels, locked, order, stop=True, tick=tick, cancel=cancel)
                     for z in order:
                         agreement[z] = 1.0
-                        self._finish(z, probs.pop(z), objects, labels, locked, out, fused)
+                        self._finish(z, _dequantize(probs.pop(z)), objects, labels, locked, out, fused)
         areas: dict[int, np.ndarray] = {}
         for z, certainty in fused.items():
             conf[z] = agreement[z] * certainty * _smoothness(out, z, locked, areas)
@@ -709,6 +773,45 @@ class PropagationEngine:
             lab[keep] = labels[z][keep]
         out[z] = lab
         fused[z] = _certainty(p)
+
+
+@dataclass
+class _CachedPass:
+    """The 8-bit outputs of one finished pass, in target order."""
+
+    targets: list[int]
+    probs: dict[int, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.probs.values())
+
+
+def _expand(q: torch.Tensor | None, have: Sequence[int], objects: Sequence[int], size: int, device: torch.device) -> torch.Tensor:
+    """A pass's 8-bit (len(have)+1, R, R) output as float32 (K+1, R, R) over ``objects``
+    (a superset of ``have``): objects the pass did not carry get probability 0; None (the
+    pass from an anchor without labels) is all background."""
+    if q is not None and list(have) == list(objects):
+        return _dequantize(q)
+    full = torch.zeros((len(objects) + 1, size, size), dtype=torch.float32, device=device)
+    if q is None:
+        full[0] = 1.0
+        return full
+    p = _dequantize(q)
+    full[0] = p[0]
+    where = {o: i for i, o in enumerate(objects)}
+    full[torch.as_tensor([1 + where[o] for o in have], dtype=torch.int64, device=p.device)] = p[1:]
+    return full
+
+
+def _quantize(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] to uint8 steps of 1/255 (a quarter of float32's memory)."""
+    return (p * 255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def _dequantize(q: torch.Tensor) -> torch.Tensor:
+    """uint8 steps of 1/255 back to float32 probabilities."""
+    return q.to(torch.float32) / 255.0
 
 
 def _channel_argmax(p: torch.Tensor) -> torch.Tensor:
