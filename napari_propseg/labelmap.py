@@ -82,6 +82,55 @@ def totalsegmentator_to_flare(names: Mapping[int, str], *, vertebrae: bool = Tru
     return table
 
 
+def translate_by_name(source: Mapping[int, str], target: Mapping[int, str]) -> dict[int, int]:
+    """Id table from one label map to another, matching class names.
+
+    Names are compared case-insensitively with spaces and dashes as underscores. When the
+    target holds the FLARE names (:data:`FLARE_NAMES`), the TotalSegmentator rules of
+    :func:`totalsegmentator_to_flare` apply too (kidney cysts fold into their kidney,
+    every ``vertebrae_*`` class into vertebrae), so a TotalSegmentator v1 or v2 ground truth
+    can be scored against FLARE-id predictions.
+
+    Args:
+        source: id -> name of the ids to translate (e.g. a TotalSegmentator ``labels.json``).
+        target: id -> name of the ids wanted.
+
+    Returns:
+        {source id: target id} for the source classes that have a counterpart.
+    """
+    by_name = {_norm(n): int(i) for i, n in target.items()}
+    table = {int(i): by_name[_norm(n)] for i, n in source.items() if _norm(n) in by_name}
+    flare = {_norm(n): i for i, n in FLARE_NAMES.items()}
+    if all(by_name.get(n) == i for n, i in flare.items() if n in by_name) and set(by_name) & set(flare):
+        for ts_id, flare_id in totalsegmentator_to_flare(source, vertebrae=VERTEBRAE_ID in target.keys()).items():
+            if flare_id in target:
+                table.setdefault(ts_id, flare_id)
+    return table
+
+
+def relabel(label_array: np.ndarray, table: Mapping[int, int]) -> np.ndarray:
+    """``label_array`` with each id replaced by ``table[id]`` (ids not in the table: 0).
+
+    Raises:
+        InputError: non-integer or negative ids.
+    """
+    arr = np.asarray(label_array)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"A label volume needs integer ids, got pixel type {arr.dtype}.")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.array_equal(arr, np.round(arr)):
+            raise InputError("The label volume holds non-integer values; it needs whole-number ids.")
+        arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise InputError("The label volume holds negative ids; it needs ids >= 0.")
+    top = max(int(arr.max()) if arr.size else 0, max(table, default=0))
+    out_max = max(table.values(), default=0)
+    lut = np.zeros(top + 1, dtype=np.uint8 if out_max < 256 else np.uint16 if out_max < 65536 else np.int32)
+    for src, dst in table.items():
+        lut[int(src)] = int(dst)
+    return lut[arr]
+
+
 def map_totalsegmentator(label_array: np.ndarray, labels_json_names: Mapping[int, str], *, vertebrae: bool = True) -> np.ndarray:
     """Convert a TotalSegmentator (v1 or v2) label volume to FLARE ids, by class name.
 
@@ -99,23 +148,12 @@ def map_totalsegmentator(label_array: np.ndarray, labels_json_names: Mapping[int
         InputError: non-integer or negative ids in ``label_array``.
     """
     arr = np.asarray(label_array)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"A TotalSegmentator label volume needs integer ids, got pixel type {arr.dtype}.")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.array_equal(arr, np.round(arr)):
-            raise InputError("The TotalSegmentator label volume holds non-integer values; it needs whole-number ids.")
-        arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise InputError("The TotalSegmentator label volume holds negative ids; it needs ids >= 0.")
     table = totalsegmentator_to_flare({int(k): v for k, v in labels_json_names.items()}, vertebrae=vertebrae)
-    top = int(arr.max()) if arr.size else 0
-    lut = np.zeros(max(top, max(table, default=0)) + 1, dtype=np.uint8)
-    for ts_id, flare_id in table.items():
-        lut[ts_id] = flare_id
-    unknown = set(np.unique(arr).tolist()) - set(int(k) for k in labels_json_names) - {0}
+    out = relabel(arr, table)
+    unknown = set(np.unique(arr).astype(np.int64).tolist()) - set(int(k) for k in labels_json_names) - {0}
     if unknown:
         log.warning("label ids %s are not in the TotalSegmentator label map; set to background", sorted(unknown)[:10])
-    return lut[arr]
+    return out.astype(np.uint8)
 
 
 def read_label_map(path: str | os.PathLike, key: str | None = None) -> dict[int, str]:

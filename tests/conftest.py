@@ -34,3 +34,16 @@ def _limit_threads():
     except ImportError:  # pragma: no cover
         pass
     yield
+
+
+@pytest.fixture()
+def one_torch_thread(monkeypatch):
+    """Tiny tensors: one torch thread (``PROPSEG_THREADS=1`` for the engine and trainer) is
+    faster than two on a shared CI machine; the thread count is restored afterwards."""
+    import torch
+
+    monkeypatch.setenv("PROPSEG_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

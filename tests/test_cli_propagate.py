@@ -13,12 +13,7 @@ from napari_propseg.propagation.network import CPU_CONFIG, build_stcn
 from napari_propseg.weights import save_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("PROPSEG_THREADS", "1")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -242,3 +242,46 @@ def test_cli_evaluate_shared_flipped_labels_match_on_ct_grid(shared_data, tmp_pa
     assert len(organs) >= 20
     assert {r["name"] for r in organs} >= {"liver", "spleen", "aorta"}
     assert all(float(r["dice"]) == 1.0 and float(r["hd95"]) == 0.0 for r in organs)
+
+
+def test_cli_evaluate_translates_totalsegmentator_ground_truth(shared_data, tmp_path):
+    """--gt-labels: a TotalSegmentator v1 ground truth scored against a FLARE-id prediction
+    made from it by name (labelmap.map_totalsegmentator) matches perfectly; without the
+    translation the ids disagree."""
+    from napari_propseg.cli import main
+    from napari_propseg.io import read_labels, read_volume, write_labels
+    from napari_propseg.labelmap import map_totalsegmentator, read_label_map
+
+    d = shared_data / "totalseg_example"
+    gt = d / "example_seg_v1.nii.gz"
+    ref = read_volume(gt)
+    names = read_label_map(d / "labels.json", key="v1")
+    flare = map_totalsegmentator(read_labels(gt, like=ref).array, names)
+    pred = write_labels(flare, ref, tmp_path / "pred.nii.gz")
+    out = tmp_path / "r.csv"
+    assert main(["evaluate", str(pred), str(gt), "--gt-labels", str(d / "labels.json"), "--gt-labels-key", "v1",
+                 "--out", str(out)]) == 0
+    organs = [r for r in csv.DictReader(out.open()) if r["label"] != "mean"]
+    assert {r["name"] for r in organs} >= {"liver", "spleen", "pancreas", "vertebrae"}
+    assert all(float(r["dice"]) == 1.0 for r in organs)
+    assert main(["evaluate", str(pred), str(gt), "--out", str(tmp_path / "raw.csv")]) == 0
+    raw = [r for r in csv.DictReader((tmp_path / "raw.csv").open()) if r["label"] == "mean"]
+    assert float(raw[0]["dice"]) < 0.5
+    # a label map with no class in common: one sentence, exit 2
+    (tmp_path / "other.json").write_text('{"1": "tumour"}')
+    assert main(["evaluate", str(pred), str(gt), "--gt-labels", str(tmp_path / "other.json"), "--out", str(out)]) == 2
+
+
+def test_translate_by_name_and_relabel():
+    from napari_propseg.errors import InputError
+    from napari_propseg.labelmap import relabel, translate_by_name
+
+    table = translate_by_name({1: "Liver", 2: "kidney-cyst-left", 3: "vertebrae_L1", 4: "lung"},
+                              {1: "liver", 13: "kidney_left", 14: "vertebrae"})
+    assert table == {1: 1, 2: 13, 3: 14}
+    assert translate_by_name({5: "tumour", 6: "cyst"}, {1: "cyst"}) == {6: 1}  # plain names, no FLARE rules
+    assert relabel(np.array([[0, 1, 2, 4]]), table).tolist() == [[0, 1, 13, 0]]
+    with pytest.raises(InputError):
+        relabel(np.array([0.5]), table)
+    with pytest.raises(InputError):
+        relabel(np.array([-1]), table)

@@ -17,13 +17,7 @@ from napari_propseg.weights import save_weights
 RES = 32  # working resolution of the tiny test network
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny tensors: one torch thread is faster than two on a shared CI machine."""
-    monkeypatch.setenv("PROPSEG_THREADS", "1")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

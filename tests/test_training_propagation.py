@@ -320,16 +320,7 @@ def _tiny_config_file(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_train_checkpoint_resume_and_weights(tmp_path, _one_thread, monkeypatch):
-    monkeypatch.setenv("PROPSEG_THREADS", "1")
+def test_train_checkpoint_resume_and_weights(tmp_path, one_torch_thread):
     from napari_propseg.propagation.network import load_stcn
     from napari_propseg.weights import load_weights
 
@@ -374,7 +365,7 @@ def test_train_checkpoint_resume_and_weights(tmp_path, _one_thread, monkeypatch)
                           overrides={"network_overrides": {"value_dim": 32, "decoder_dims": [32, 32, 16]}})
 
 
-def test_time_limit_and_cancel_write_resumable_checkpoints(tmp_path, _one_thread):
+def test_time_limit_and_cancel_write_resumable_checkpoints(tmp_path, one_torch_thread):
     from napari_propseg.weights import load_weights
 
     td = _tiny_data(validation=False)
@@ -414,8 +405,7 @@ def test_minimal_propagation_fills_between_anchors():
     assert out[7, 5, 5] == 2 and out[7, 1, 1] == 0  # near b: backward copy wins
 
 
-def test_cli_cache_then_train(tmp_path, _one_thread, monkeypatch):
-    monkeypatch.setenv("PROPSEG_THREADS", "1")
+def test_cli_cache_then_train(tmp_path, one_torch_thread):
     from napari_propseg.cli import main
 
     cfg = _tiny_config_file(tmp_path)

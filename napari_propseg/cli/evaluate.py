@@ -9,6 +9,9 @@ see :mod:`napari_propseg.metrics` for the definitions and the empty-mask convent
 
 The CSV has one row per case and label (labels present in the prediction or the ground
 truth) and a ``mean`` row per case.
+
+Ground truth numbered differently from the prediction (e.g. TotalSegmentator's own ids
+against FLARE-id predictions) is translated by class name with ``--gt-labels MAP.json``.
 """
 from __future__ import annotations
 
@@ -39,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="label map JSON (id -> name) for the 'name' column (default: the FLARE-13 names)")
     p.add_argument("--labels-key", metavar="KEY", default=None,
                    help="which map to use when the JSON file holds several (e.g. v1)")
+    p.add_argument("--gt-labels", metavar="MAP.json", default=None,
+                   help="label map JSON (id -> name) of the ground truth's ids when they differ from the "
+                   "prediction's (e.g. a TotalSegmentator labels.json): GT ids are translated by class name "
+                   "to the ids of --labels (FLARE by default); classes without a counterpart become background")
+    p.add_argument("--gt-labels-key", metavar="KEY", default=None,
+                   help="which map of --gt-labels to use when the JSON file holds several (e.g. v1)")
     p.add_argument("--tolerance", metavar="MM", type=float, default=None,
                    help="NSD tolerance in mm (default 1)")
     p.add_argument("--out", metavar="CSV", required=True, help="report CSV to write")
@@ -100,23 +109,39 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
 
 
 def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: dict[int, str] | None = None,
-             tolerance_mm: float | None = None, progress=None, cancel=None) -> list[dict]:
-    """Score PRED against GT (files or folders) and write the CSV; returns the report rows."""
+             gt_label_names: dict[int, str] | None = None, tolerance_mm: float | None = None,
+             progress=None, cancel=None) -> list[dict]:
+    """Score PRED against GT (files or folders) and write the CSV; returns the report rows.
+
+    ``gt_label_names`` (id -> name of the GT files' ids) translates the ground truth by
+    class name to the ids of ``label_names`` first (:func:`~napari_propseg.labelmap.translate_by_name`).
+    """
     from ..io import read_labels, read_volume
+    from ..labelmap import relabel, translate_by_name
     from ..metrics import DEFAULT_TOLERANCE_MM, MetricAccumulator
 
     if label_names is None:
         from ..labelmap import FLARE_NAMES
 
         label_names = dict(FLARE_NAMES)
+    table = None
+    if gt_label_names is not None:
+        table = translate_by_name(gt_label_names, label_names)
+        if not table:
+            raise InputError("No class of the ground truth's label map has a name in the prediction's label map; "
+                             "check --gt-labels and --labels.")
+        unmatched = sorted(set(gt_label_names) - set(table))
+        log.info("ground truth: %d classes translated by name, %d without a counterpart (background)", len(table), len(unmatched))
     acc = MetricAccumulator(tolerance_mm=DEFAULT_TOLERANCE_MM if tolerance_mm is None else tolerance_mm,
                             label_names=label_names)
     pairs = pair_cases(pred, gt)
     for i, (case, p, g) in enumerate(pairs):
         ref = read_volume(g)
-        gt_lab = read_labels(g, like=ref)
+        gt_arr = read_labels(g, like=ref).array
+        if table is not None:
+            gt_arr = relabel(gt_arr, table)
         pr_lab = read_labels(p, like=ref)
-        acc.update(pr_lab.array, gt_lab.array, ref.spacing, case=case)
+        acc.update(pr_lab.array, gt_arr, ref.spacing, case=case)
         if progress is not None:
             progress(i + 1, len(pairs), case)
         if cancel is not None and cancel():
@@ -133,11 +158,10 @@ def _f(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: evaluate, write the CSV, print each case's mean row."""
-    names = None
-    if args.labels:
-        from ..labelmap import read_label_map
+    from ..labelmap import read_label_map
 
-        names = read_label_map(args.labels, key=args.labels_key)
+    names = read_label_map(args.labels, key=args.labels_key) if args.labels else None
+    gt_names = read_label_map(args.gt_labels, key=args.gt_labels_key) if args.gt_labels else None
     if args.tolerance is not None and (not math.isfinite(args.tolerance) or args.tolerance < 0):
         raise InputError(f"--tolerance {args.tolerance} is not a non-negative number of mm; pass e.g. --tolerance 1.")
     out = Path(args.out)
@@ -147,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     def bar(step: int, total: int, msg: str) -> None:
         print(f"\r[{step}/{total}] {msg}", end="" if step < total else "\n", file=sys.stderr, flush=True)
 
-    rows = evaluate(args.pred, args.gt, out, label_names=names, tolerance_mm=args.tolerance, progress=bar)
+    rows = evaluate(args.pred, args.gt, out, label_names=names, gt_label_names=gt_names, tolerance_mm=args.tolerance, progress=bar)
     print("case\tdice\tjaccard\tnsd\thd95\tasd\trvd")
     for r in rows:
         if r["label"] == "mean":
