@@ -328,12 +328,13 @@ def is_readable_path(path: str | os.PathLike) -> bool:
     """Cheap check (no pixel data read) whether :func:`read_volume` would take ``path``.
 
     True for an existing file with a supported extension, or a folder holding at least
-    one DICOM file among its first entries. Never raises.
+    one DICOM file among its first entries, itself or in one of its first 64 subfolders
+    (breadth first). Never raises.
     """
     try:
         p = Path(path)
         if p.is_dir():
-            return _folder_has_dicom(p)
+            return _folder_has_dicom(p) or any(_folder_has_dicom(sub, max_files=8) for sub in _subfolders(p, max_folders=64))
         return p.is_file() and _lower_suffix(p) in VOLUME_EXTENSIONS
     except (OSError, TypeError, ValueError):
         return False
@@ -362,18 +363,57 @@ def _check_folder(folder: Path) -> None:
         raise InputError(f"Folder {folder} is empty; point to a folder holding a DICOM series or to a CT file.")
 
 
+#: How deep and how wide :func:`list_dicom_series` looks below a folder without a series.
+DICOM_SCAN_DEPTH = 6
+DICOM_SCAN_MAX_FOLDERS = 5000
+
+
+def _series_in(folder: Path) -> list[dict[str, Any]]:
+    """The DICOM series directly in ``folder`` (``uid``, ``n_slices``, ``description``, ``folder``)."""
+    out = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        if files:
+            out.append({"uid": uid, "n_slices": len(files), "description": _dicom_tag(files[0], "0008|103e"), "folder": folder})
+    return out
+
+
+def _subfolders(folder: Path, max_folders: int = DICOM_SCAN_MAX_FOLDERS) -> list[Path]:
+    """Subfolders of ``folder`` breadth first, at most DICOM_SCAN_DEPTH levels down and
+    ``max_folders`` in all (a PACS export: patient/study/series/...)."""
+    found: list[Path] = []
+    level = [folder]
+    for _ in range(DICOM_SCAN_DEPTH):
+        nxt = []
+        for f in level:
+            try:
+                nxt += sorted(p for p in f.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+        found += nxt
+        if not nxt or len(found) >= max_folders:
+            break
+        level = nxt
+    return found[:max_folders]
+
+
 def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """DICOM series found directly in ``folder`` (not in subfolders), most slices first.
+    """DICOM series in ``folder``, most slices first.
+
+    The series directly in ``folder`` when there are any; otherwise those in its subfolders
+    (breadth first, up to :data:`DICOM_SCAN_DEPTH` levels), as a PACS export or a DICOMDIR
+    disc nests them (patient/study/series).
 
     Args:
-        folder: a folder of DICOM files.
+        folder: a folder of DICOM files, or a folder above such folders.
 
     Returns:
         One dict per series: ``uid`` (SeriesInstanceUID, '' when the files carry none),
-        ``n_slices`` (number of files), ``description`` (SeriesDescription or '').
+        ``n_slices`` (number of files), ``description`` (SeriesDescription or ''),
+        ``folder`` (the folder holding its files).
 
     Raises:
-        InputError: missing or empty folder, or no DICOM series in it.
+        InputError: missing or empty folder, or no DICOM series in it or below it.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -381,20 +421,17 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder; list_dicom_series needs a folder of DICOM files.")
     _check_folder(folder)
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    series = []
-    for uid in ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        if not files:
-            continue
-        series.append({"uid": uid, "n_slices": len(files), "description": _dicom_tag(files[0], "0008|103e")})
+    series = _series_in(folder)
     if not series:
-        hint = " (it has subfolders: open the one holding the series)" if any(p.is_dir() for p in folder.iterdir()) else ""
+        for sub in _subfolders(folder):
+            series += _series_in(sub)
+    if not series:
+        below = " or in its subfolders" if any(p.is_dir() for p in folder.iterdir()) else ""
         raise InputError(
-            f"Folder {folder} holds no DICOM series{hint}; point to a DICOM series folder or to a "
+            f"Folder {folder} holds no DICOM series{below}; point to a DICOM series folder or to a "
             f"{_SUPPORTED_TEXT.replace(' or a DICOM series folder', '')} file."
         )
-    series.sort(key=lambda s: (-s["n_slices"], s["uid"]))
+    series.sort(key=lambda s: (-s["n_slices"], s["uid"], str(s["folder"])))
     return series
 
 
@@ -408,19 +445,26 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
             known = ", ".join(repr(s["uid"]) for s in series)
             raise InputError(f"Folder {folder} has no DICOM series with UID {series_uid!r}; the series found are {known}.")
         chosen = matches[0]
-    meta: dict[str, Any] = {"series_uid": chosen["uid"], "series": series, "series_description": chosen["description"]}
+    where = chosen["folder"]
+    meta: dict[str, Any] = {"series_uid": chosen["uid"], "series": [{k: (str(v) if k == "folder" else v) for k, v in s.items()} for s in series],
+                            "series_description": chosen["description"], "series_folder": str(where)}
+    notes = []
+    if where != folder:
+        notes.append(f"Folder {folder} holds no DICOM files itself; read the series in {where.relative_to(folder)}.")
     if len(series) > 1 and series_uid is None:
         others = "; ".join(f"{s['uid'] or '(no UID)'} ({s['n_slices']} slices)" for s in series[1:])
-        notice = (
+        notes.append(
             f"Folder {folder} holds {len(series)} DICOM series; read {chosen['uid'] or '(no UID)'} "
             f"({chosen['n_slices']} slices, the most), others: {others}; pick one with series_uid/--series."
         )
+    if notes:
+        notice = " ".join(notes)
         log.warning(notice)
         meta["notice"] = notice
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen["uid"])
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), chosen["uid"])
     if len(files) < 2:
         raise InputError(
-            f"DICOM series {chosen['uid'] or '(no UID)'} in {folder} has a single slice (a 2-D image); "
+            f"DICOM series {chosen['uid'] or '(no UID)'} in {where} has a single slice (a 2-D image); "
             "napari-propseg needs a 3-D CT series."
         )
     reader = sitk.ImageSeriesReader()
@@ -429,8 +473,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
     try:
         img = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"Cannot read the DICOM series in {folder} ({_first_line(exc)}); check that its files are complete.") from None
-    _check_slice_spacing(reader, len(files), folder, meta)
+        raise InputError(f"Cannot read the DICOM series in {where} ({_first_line(exc)}); check that its files are complete.") from None
+    _check_slice_spacing(reader, len(files), where, meta)
     return img, meta
 
 

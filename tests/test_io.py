@@ -152,14 +152,14 @@ def test_las_labels_land_on_dicom_ct_voxels(shared_data, dicom_ct):
     assert (flipped & liver).sum() < 0.8 * liver.sum()
 
 
-def test_dicom_geometry(dicom_ct):
+def test_dicom_geometry(dicom_ct, shared_data):
     assert dicom_ct.spacing == (2.0, 0.9765625, 0.9765625)
     assert dicom_ct.origin == (-249.51171875, -437.51171875, -804.5)
     np.testing.assert_array_equal(dicom_ct.direction, np.eye(3))
     assert dicom_ct.array.dtype == np.int16
     info = volume_info(dicom_ct)
     assert info["hu_min"] == -1024 and info["hu_max"] > 1000
-    assert info["series"] == [{"uid": "", "n_slices": 20, "description": "CT Body 3.0"}]
+    assert info["series"] == [{"uid": "", "n_slices": 20, "description": "CT Body 3.0", "folder": str(shared_data / "totalseg_example" / "example_ct_dicom")}]
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".nii"])
@@ -375,6 +375,35 @@ def test_several_dicom_series(tmp_path):
         read_volume(tmp_path / "d", series_uid="9.9.9")
     assert uid_a in _one_sentence(exc)
     assert is_readable_path(tmp_path / "d")
+
+
+def test_dicom_series_in_subfolders(tmp_path):
+    """A PACS-style export (patient/study/series/...): pointing at the top folder finds the
+    series below it, reads the one with most slices and says where it was."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(-1000, 1000, (5, 8, 9)).astype(np.int16)
+    b = rng.integers(-1000, 1000, (3, 8, 9)).astype(np.int16)
+    uid_a, uid_b = "1.2.826.0.1.3680043.2.1125.300", "1.2.826.0.1.3680043.2.1125.400"
+    top = tmp_path / "patient"
+    _write_dicom_series(top / "study1" / "ct_thin", a, uid_a, desc="thin")
+    _write_dicom_series(top / "study1" / "scout", b, uid_b, desc="scout")
+    (top / "notes").mkdir()
+    series = list_dicom_series(top)
+    assert [(s["uid"], s["n_slices"], s["folder"]) for s in series] == [(uid_a, 5, top / "study1" / "ct_thin"),
+                                                                          (uid_b, 3, top / "study1" / "scout")]
+    vol = read_volume(top)
+    np.testing.assert_array_equal(vol.array, a)
+    direct = read_volume(top / "study1" / "ct_thin")
+    np.testing.assert_allclose(vol.origin, direct.origin) and np.testing.assert_allclose(vol.spacing, direct.spacing)
+    assert "ct_thin" in vol.meta["notice"] and uid_b in vol.meta["notice"]
+    np.testing.assert_array_equal(read_volume(top, series_uid=uid_b).array, b)
+    assert is_readable_path(top)
+    # nothing below either: one sentence that says so
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images")
+    with pytest.raises(InputError) as exc:
+        read_volume(tmp_path / "empty")
+    assert "subfolders" in _one_sentence(exc)
 
 
 def test_dicom_missing_slice_is_noticed(tmp_path):
