@@ -248,8 +248,8 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
         k = start_values.shape[1]
         out = {}
         for z in targets:
-            p = torch.zeros(k + 1, RES, RES)
-            p[1 if start == 1 or k == 1 else 2] = 1.0  # the lower pass says label 1, the upper label 2
+            p = torch.zeros(k + 1, RES, RES, dtype=torch.uint8)
+            p[1] = 255  # each pass carries its own anchor's label: the lower says 1, the upper 2
             out[z] = p
             tick(z)
         return out
@@ -258,7 +258,10 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
     res = eng.propagate(lab, [1, 10])
     assert all((res.labels[z] == 1).all() for z in (2, 3, 4, 5))
     assert all((res.labels[z] == 2).all() for z in (6, 7, 8, 9))
-    assert (res.confidence[2:10] == 0).all()  # the two passes disagree everywhere
+    # the anchors share no voxel of any label (disagreement 1): confidence 1 - 4 w_a w_b,
+    # lowest mid-gap, symmetric
+    wa = (10 - np.arange(2, 10)) / 9
+    np.testing.assert_allclose(res.confidence[2:10], 1 - 4 * wa * (1 - wa), atol=1e-6)
 
 
 def test_sdf_prior_keeps_a_small_organ_the_network_loses(weights, monkeypatch):
@@ -273,8 +276,8 @@ def test_sdf_prior_keeps_a_small_organ_the_network_loses(weights, monkeypatch):
     def blind_pass(start, start_values, targets, *, stop, tick, cancel):
         out = {}
         for z in targets:
-            p = torch.zeros(start_values.shape[1] + 1, RES, RES)
-            p[0] = 1.0  # the network never predicts the objects
+            p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
+            p[0] = 255  # the network never predicts the objects (8-bit, as _pass returns)
             out[z] = p
             tick(z)
         return out

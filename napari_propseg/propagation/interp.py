@@ -80,6 +80,25 @@ def _bracket_sdf(ma: np.ndarray, mb: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return db + (float(-db.min()) + 1.0), db
 
 
+def anchor_disagreement(lab_a: np.ndarray, lab_b: np.ndarray, ids: Iterable[int]) -> float:
+    """``sum_l |A_l xor B_l| / sum_l |A_l or B_l|`` over the labels ``ids`` of two anchor
+    slices (0 when neither holds any): how much the anatomy changes across the gap."""
+    dis = uni = 0
+    for i in ids:
+        ma, mb = lab_a == i, lab_b == i
+        dis += int(np.count_nonzero(ma ^ mb))
+        uni += int(np.count_nonzero(ma | mb))
+    return dis / uni if uni else 0.0
+
+
+def gap_confidence(wa: float, disagreement: float) -> float:
+    """Confidence of a slice between two anchors: ``1 - 4 w_a w_b D`` with blend weights
+    ``w_a = 1 - w_b`` and the anchors' :func:`anchor_disagreement` ``D``; lowest (``1 - D``)
+    mid-gap, where whatever fills the slice is furthest from anything drawn, 1 next to an
+    anchor or when both anchors agree."""
+    return float(1.0 - 4.0 * wa * (1.0 - wa) * disagreement)
+
+
 def sdf_interpolate_with_confidence(
     labels: np.ndarray,
     anchors: Sequence[int],
@@ -130,8 +149,7 @@ def sdf_interpolate_with_confidence(
         ids = np.union1d(np.unique(labels[a]), np.unique(labels[b]))
         ids = ids[(ids != 0) & ~np.isin(ids, locked)]
         sdfs = [_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids]
-        disagree = np.array([np.count_nonzero((labels[a] == i) ^ (labels[b] == i)) for i in ids], dtype=np.float64)
-        union = np.array([np.count_nonzero((labels[a] == i) | (labels[b] == i)) for i in ids], dtype=np.float64)
+        disagree = anchor_disagreement(labels[a], labels[b], ids)
         for z in range(a + 1, b):
             check_cancel(cancel)
             wb = (z - a) / (b - a)
@@ -144,8 +162,7 @@ def sdf_interpolate_with_confidence(
                 sl[win] = i
                 best = np.minimum(best, d)
             out[z] = sl
-            if union.sum() > 0:
-                confidence[z] = float(1.0 - 4.0 * wa * wb * disagree.sum() / union.sum())
+            confidence[z] = gap_confidence(wa, disagree)
             step += 1
             report(progress, step, total, f"interpolating slice {z}")
     if locked.size:
