@@ -388,3 +388,32 @@ def test_pass_cache_off_and_bounded(weights):
     assert sum(p.nbytes for p in tiny._passes.values()) <= 4096
     with pytest.raises(InputError):
         _engine(vol, weights, pass_cache_mb=-1)
+
+
+def test_objects_too_small_for_the_memory_follow_the_prior(weights, monkeypatch):
+    """An object under ``prior_small_cells`` memory cells is carried by the SDF prior alone:
+    a network that claims it everywhere cannot spread it (with the rule off it does)."""
+    vol, lab, _ = _case(depth=12)
+    lab[:] = 0
+    lab[1, 8:12, 6:9] = 1
+    lab[10, 9:13, 7:10] = 1
+
+    def greedy_pass(start, start_values, targets, *, stop, tick, cancel):
+        out = {}
+        for z in targets:
+            p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
+            p[1] = 255  # the network says "object" on every pixel
+            out[z] = p
+            tick(z)
+        return out
+
+    areas = {}
+    for cells in (4.0, 0.0):
+        eng = _engine(vol, weights, prior_weight=0.3, prior_small_cells=cells)
+        monkeypatch.setattr(eng, "_pass", greedy_pass)
+        res = eng.propagate(lab, [1, 10]).labels
+        areas[cells] = [int((res[z] == 1).sum()) for z in range(2, 10)]
+    assert max(areas[4.0]) <= 40 and min(areas[4.0]) >= 6  # the anchors hold 12 pixels (a 1-pixel rim from resizing)
+    assert min(areas[0.0]) == 24 * 20  # the whole slice
+    with pytest.raises(InputError):
+        _engine(vol, weights, prior_small_cells=-1)

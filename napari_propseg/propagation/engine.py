@@ -98,6 +98,8 @@ METHODS = ("stcn", "interp")
 PRIORS = ("none", "sdf")
 #: Adaptation steps of :meth:`PropagationEngine.adapt` when neither it nor the engine names any.
 DEFAULT_ADAPT_STEPS = 30
+#: Stride of the memory (keys and values) relative to the network's working resolution.
+MEMORY_STRIDE = 16
 #: Confidence given to slices this engine never computed (unknown, neither good nor bad).
 UNKNOWN_CONFIDENCE = 0.5
 
@@ -205,6 +207,11 @@ class PropagationEngine:
             Default ``"sdf"``, ``a = 0.7``: on the held-out totalseg_ct case (k=5) mean
             Dice 0.559 -> 0.654 (a = 0.5: 0.601).
         prior_weight: ``a`` above, in [0, 1].
+        prior_small_cells: objects covering fewer than this many memory cells (1/16 of
+            the working resolution) on both bracketing anchors follow the prior alone
+            (``a = 1``): the memory cannot hold them. 0 turns this off. Default 4 (2 x 2
+            cells): held-out totalseg_ct, mean Dice k=5 0.654 -> 0.732, k=9 0.656 -> 0.735
+            (phantom 0.795 -> 0.785, 0.835 -> 0.841).
         adapt_steps: if > 0, :meth:`propagate` first fine-tunes a copy of the network for
             this many steps on the anchors it is given (:meth:`adapt`; skipped when the
             anchors are those of the last adaptation). :meth:`repropagate` keeps the
@@ -234,6 +241,7 @@ class PropagationEngine:
         spacing: Sequence[float] | None = None,
         prior: str = "sdf",
         prior_weight: float = 0.7,
+        prior_small_cells: float = 4.0,
         adapt_steps: int = 0,
         adapt_options: dict | None = None,
         pass_cache_mb: float = 768.0,
@@ -251,6 +259,8 @@ class PropagationEngine:
             raise InputError(f"Unknown propagation prior {prior!r}; use one of {', '.join(PRIORS)}.")
         if not 0.0 <= float(prior_weight) <= 1.0:
             raise InputError(f"prior_weight must lie in [0, 1], got {prior_weight}.")
+        if not float(prior_small_cells) >= 0.0:
+            raise InputError(f"prior_small_cells must be 0 or more, got {prior_small_cells}.")
         if not float(pass_cache_mb) >= 0.0:
             raise InputError(f"pass_cache_mb must be 0 or more, got {pass_cache_mb}.")
         if int(adapt_steps) < 0:
@@ -264,6 +274,7 @@ class PropagationEngine:
         self._adapt_digest: bytes | None = None
         self.prior = prior
         self.prior_weight = float(prior_weight)
+        self.prior_small_cells = float(prior_small_cells)
         self.volume_hu = vol
         self.method = method
         self.memory_every = int(memory_every)
@@ -711,6 +722,7 @@ class PropagationEngine:
                     up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
                     down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
                     sdf = self._anchor_sdf(labels[seg.lo], labels[seg.hi], objects) if self.prior == "sdf" and self.prior_weight > 0 else None
+                    prior_w = self._prior_weights(labels[seg.lo], labels[seg.hi], objects) if sdf is not None else None
                     disagree = anchor_disagreement(labels[seg.lo], labels[seg.hi], objects)
                     for z in zs:
                         wa = (seg.hi - z) / (seg.hi - seg.lo)
@@ -719,7 +731,8 @@ class PropagationEngine:
                         p = wa * pu + (1.0 - wa) * pd
                         conf[z] = gap_confidence(wa, disagree)
                         if sdf is not None:
-                            p = (1.0 - self.prior_weight) * p + self.prior_weight * _sdf_probs(sdf, wa)
+                            p = (1.0 - prior_w) * p + prior_w * _sdf_probs(sdf, wa)
+                            p = p / p.sum(dim=0, keepdim=True).clamp_min(1e-6)
                         self._finish(z, p, objects, labels, locked, out)
                 else:
                     start = seg.hi if seg.kind == "below" else seg.lo
@@ -730,6 +743,23 @@ class PropagationEngine:
                         carried = np.any((out[z] != 0) & ~np.isin(out[z], locked))
                         conf[z] = UNKNOWN_CONFIDENCE if carried else 1.0
         return conf
+
+    def _prior_weights(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> torch.Tensor:
+        """(K+1, 1, 1) weights of the SDF prior per channel: ``prior_weight``, except 1 for
+        objects smaller than ``prior_small_cells`` memory cells on both anchors.
+
+        The memory keys and values live at 1/16 of the working resolution; an object that
+        covers fewer than a few of those cells cannot be read out of the memory, so the
+        prior carries it alone. Area in cells: full-resolution pixels (body crop) scaled by
+        ``(R / 16)^2 / (h w)``.
+        """
+        ca, cb = self._crop(lab_a, 0), self._crop(lab_b, 0)
+        cell = (self.model.resolution / MEMORY_STRIDE) ** 2 / float(ca.size)
+        w = [self.prior_weight]
+        for i in objects:
+            area = max(int(np.count_nonzero(ca == i)), int(np.count_nonzero(cb == i))) * cell
+            w.append(1.0 if area < self.prior_small_cells else self.prior_weight)
+        return torch.tensor(w, dtype=torch.float32, device=self.device)[:, None, None]
 
     def _anchor_sdf(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Signed distances of each object on two bracketing anchors at working resolution.
