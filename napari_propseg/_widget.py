@@ -199,7 +199,7 @@ class PropSegWidget(QWidget):
         self.method_combo = QComboBox()
         self.method_combo.addItems(["interp", "stcn"])
         self.method_combo.setToolTip(
-            "interp: signed-distance interpolation (default: it beats the shipped starter STCN weights on real CT);"
+            "interp: signed-distance interpolation (default: on real CT as accurate as the shipped starter STCN weights, in a fraction of the time);"
             " stcn: memory-bank network (needs weights; choose it with weights trained on your own data)")
         self.method_combo.setCurrentText("interp")
         self.k_spin = QSpinBox()

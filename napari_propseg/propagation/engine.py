@@ -209,9 +209,10 @@ class PropagationEngine:
         prior_weight: ``a`` above, in [0, 1].
         prior_small_cells: objects covering fewer than this many memory cells (1/16 of
             the working resolution) on both bracketing anchors follow the prior alone
-            (``a = 1``): the memory cannot hold them. 0 turns this off. Default 4 (2 x 2
-            cells): held-out totalseg_ct, mean Dice k=5 0.654 -> 0.732, k=9 0.656 -> 0.735
-            (phantom 0.795 -> 0.785, 0.835 -> 0.841).
+            (``a = 1``), and so does every class near them (:func:`_prior_map`): the
+            memory cannot hold them. 0 turns this off. Default 4 (2 x 2 cells): held-out
+            totalseg_ct, mean Dice k=5 0.654 -> 0.816, k=9 0.656 -> 0.819 (phantom
+            0.795 -> 0.773, 0.835 -> 0.840).
         adapt_steps: if > 0, :meth:`propagate` first fine-tunes a copy of the network for
             this many steps on the anchors it is given (:meth:`adapt`; skipped when the
             anchors are those of the last adaptation). :meth:`repropagate` keeps the
@@ -731,7 +732,8 @@ class PropagationEngine:
                         p = wa * pu + (1.0 - wa) * pd
                         conf[z] = gap_confidence(wa, disagree)
                         if sdf is not None:
-                            p = (1.0 - prior_w) * p + prior_w * _sdf_probs(sdf, wa)
+                            a = _prior_map(prior_w, sdf, wa)
+                            p = (1.0 - a) * p + a * _sdf_probs(sdf, wa)
                             p = p / p.sum(dim=0, keepdim=True).clamp_min(1e-6)
                         self._finish(z, p, objects, labels, locked, out)
                 else:
@@ -746,7 +748,8 @@ class PropagationEngine:
 
     def _prior_weights(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> torch.Tensor:
         """(K+1, 1, 1) weights of the SDF prior per channel: ``prior_weight``, except 1 for
-        objects smaller than ``prior_small_cells`` memory cells on both anchors.
+        objects smaller than ``prior_small_cells`` memory cells on both anchors (see
+        :func:`_prior_map` for how they are used).
 
         The memory keys and values live at 1/16 of the working resolution; an object that
         covers fewer than a few of those cells cannot be read out of the memory, so the
@@ -848,6 +851,31 @@ def _channel_argmax(p: torch.Tensor) -> torch.Tensor:
     result, first maximum on ties; on the CPU about 10x faster than ``argmax(dim=0)`` for
     11 x 400 x 400, which dominated the per-slice finishing time)."""
     return torch.max(p, dim=0).indices
+
+
+#: Within this many full-resolution pixels of a small object's blended contour, every class
+#: follows the SDF prior alone (see :func:`_prior_map`).
+SMALL_OBJECT_MARGIN_PX = 2.0
+
+
+def _prior_map(weights: torch.Tensor, sdf: tuple[torch.Tensor, torch.Tensor], wa: float) -> torch.Tensor:
+    """Per-class, per-pixel weight of the SDF prior, (K+1, R, R).
+
+    ``weights`` (K+1, 1, 1) from :meth:`PropagationEngine._prior_weights`: 1 for small
+    objects (the network cannot hold them, so it never adds to their class), else
+    ``prior_weight``. Near a small object (blended signed distance under
+    :data:`SMALL_OBJECT_MARGIN_PX`) every class takes weight 1, so the network's votes for
+    background or a neighbouring organ do not erode the object there either: with a network
+    that says "background" everywhere the adrenal glands of the held-out CT fall from Dice
+    0.49 / 0.66 (prior alone) to 0.04 / 0.25 otherwise.
+    """
+    small = weights[1:, 0, 0] >= 1.0
+    if not bool(small.any()):
+        return weights
+    da, db = sdf
+    d = wa * da[small] + (1.0 - wa) * db[small]  # S, R, R
+    near = (d < SMALL_OBJECT_MARGIN_PX).any(dim=0, keepdim=True)  # 1, R, R
+    return torch.where(near, torch.ones_like(weights), weights)
 
 
 def _sdf_probs(sdf: tuple[torch.Tensor, torch.Tensor], wa: float) -> torch.Tensor:
