@@ -378,6 +378,14 @@ def _series_in(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _child_folders(folder: Path) -> list[Path]:
+    """Subfolders of ``folder``, sorted; hidden ones and symbolic links left out (no loops)."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
 def _subfolders(folder: Path, max_folders: int = DICOM_SCAN_MAX_FOLDERS) -> list[Path]:
     """Subfolders of ``folder`` breadth first, at most DICOM_SCAN_DEPTH levels down and
     ``max_folders`` in all (a PACS export: patient/study/series/...)."""
@@ -386,15 +394,84 @@ def _subfolders(folder: Path, max_folders: int = DICOM_SCAN_MAX_FOLDERS) -> list
     for _ in range(DICOM_SCAN_DEPTH):
         nxt = []
         for f in level:
-            try:
-                nxt += sorted(p for p in f.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except OSError:
-                continue
+            nxt += _child_folders(f)
+            if len(found) + len(nxt) >= max_folders:
+                return (found + nxt)[:max_folders]
         found += nxt
-        if not nxt or len(found) >= max_folders:
+        if not nxt:
             break
         level = nxt
-    return found[:max_folders]
+    return found
+
+
+def _series_below(folder: Path) -> list[dict[str, Any]]:
+    """DICOM series in the subfolders of ``folder``: breadth first, at most
+    DICOM_SCAN_DEPTH levels and DICOM_SCAN_MAX_FOLDERS folders, not below a folder that
+    holds a series, not through symbolic links. A series whose files are spread over
+    several folders (one UID) becomes one entry with all its ``folders``."""
+    found: list[dict[str, Any]] = []
+    level, visited = [folder], 0
+    for _ in range(DICOM_SCAN_DEPTH):
+        nxt = []
+        for f in level:
+            for sub in _child_folders(f):
+                visited += 1
+                if visited > DICOM_SCAN_MAX_FOLDERS:
+                    log.warning("stopped looking for DICOM series below %s after %d folders", folder, DICOM_SCAN_MAX_FOLDERS)
+                    return _merge_split_series(found)
+                here = _series_in(sub)
+                if here:
+                    found += here
+                else:
+                    nxt.append(sub)
+        if not nxt:
+            break
+        level = nxt
+    return _merge_split_series(found)
+
+
+def _merge_split_series(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per SeriesInstanceUID (series without a UID stay apart)."""
+    merged: dict[str, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for s in series:
+        if s["uid"] and s["uid"] in merged:
+            m = merged[s["uid"]]
+            m["n_slices"] += s["n_slices"]
+            m["folders"].append(s["folder"])
+            continue
+        entry = dict(s, folders=[s["folder"]])
+        out.append(entry)
+        if s["uid"]:
+            merged[s["uid"]] = entry
+    return out
+
+
+def _slice_position(filename: str) -> float | None:
+    """Position of a DICOM slice along its normal (ImagePositionPatient . normal), or None."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(filename)
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+        pos = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return None
+    return float(np.dot(pos, np.cross(iop[:3], iop[3:])))
+
+
+def _series_files(chosen: dict[str, Any]) -> list[str]:
+    """The files of a series, in slice order (sorted by position when spread over folders)."""
+    folders = chosen.get("folders") or [chosen["folder"]]
+    files = [f for d in folders for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), chosen["uid"])]
+    if len(folders) > 1:
+        pos = [_slice_position(f) for f in files]
+        if any(p is None for p in pos):
+            raise InputError(f"DICOM series {chosen['uid']} is spread over {len(folders)} folders and some files lack a slice "
+                             "position; copy its files into one folder and open that.")
+        files = [f for _, f in sorted(zip(pos, files))]
+    return files
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
@@ -410,7 +487,8 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
     Returns:
         One dict per series: ``uid`` (SeriesInstanceUID, '' when the files carry none),
         ``n_slices`` (number of files), ``description`` (SeriesDescription or ''),
-        ``folder`` (the folder holding its files).
+        ``folder`` (the folder holding its first files) and ``folders`` (every folder
+        holding its files: one series may be spread over several).
 
     Raises:
         InputError: missing or empty folder, or no DICOM series in it or below it.
@@ -421,18 +499,26 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict[str, Any]]:
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder; list_dicom_series needs a folder of DICOM files.")
     _check_folder(folder)
-    series = _series_in(folder)
+    series = [dict(s, folders=[s["folder"]]) for s in _series_in(folder)]
     if not series:
-        for sub in _subfolders(folder):
-            series += _series_in(sub)
+        series = _series_below(folder)
     if not series:
-        below = " or in its subfolders" if any(p.is_dir() for p in folder.iterdir()) else ""
+        below = " (nor do its subfolders)" if any(p.is_dir() for p in folder.iterdir()) else ""
         raise InputError(
             f"Folder {folder} holds no DICOM series{below}; point to a DICOM series folder or to a "
             f"{_SUPPORTED_TEXT.replace(' or a DICOM series folder', '')} file."
         )
     series.sort(key=lambda s: (-s["n_slices"], s["uid"], str(s["folder"])))
     return series
+
+
+def _series_json(s: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`list_dicom_series` entry with its folders as absolute path strings."""
+    out = {k: v for k, v in s.items() if k not in ("folder", "folders")}
+    out["folder"] = str(Path(s["folder"]).resolve())
+    if len(s.get("folders") or []) > 1:
+        out["folders"] = [str(Path(d).resolve()) for d in s["folders"]]
+    return out
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
@@ -446,10 +532,13 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
             raise InputError(f"Folder {folder} has no DICOM series with UID {series_uid!r}; the series found are {known}.")
         chosen = matches[0]
     where = chosen["folder"]
-    meta: dict[str, Any] = {"series_uid": chosen["uid"], "series": [{k: (str(v) if k == "folder" else v) for k, v in s.items()} for s in series],
-                            "series_description": chosen["description"], "series_folder": str(where)}
+    meta: dict[str, Any] = {"series_uid": chosen["uid"], "series": [_series_json(s) for s in series],
+                            "series_description": chosen["description"], "series_folder": str(Path(where).resolve())}
     notes = []
-    if where != folder:
+    if len(chosen["folders"]) > 1:
+        shown = ", ".join(str(Path(d).relative_to(folder)) for d in chosen["folders"])
+        notes.append(f"DICOM series {chosen['uid']} is spread over {len(chosen['folders'])} folders ({shown}); read them together.")
+    elif where != folder:
         notes.append(f"Folder {folder} holds no DICOM files itself; read the series in {where.relative_to(folder)}.")
     if len(series) > 1 and series_uid is None:
         others = "; ".join(f"{s['uid'] or '(no UID)'} ({s['n_slices']} slices)" for s in series[1:])
@@ -461,7 +550,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         notice = " ".join(notes)
         log.warning(notice)
         meta["notice"] = notice
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), chosen["uid"])
+    files = _series_files(chosen)
     if len(files) < 2:
         raise InputError(
             f"DICOM series {chosen['uid'] or '(no UID)'} in {where} has a single slice (a 2-D image); "

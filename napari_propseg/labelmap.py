@@ -103,7 +103,7 @@ def translate_by_name(source: Mapping[int, str], target: Mapping[int, str]) -> d
     flare = {_norm(n): i for i, n in FLARE_NAMES.items()}
     if all(by_name.get(n) == i for n, i in flare.items() if n in by_name) and set(by_name) & set(flare):
         for ts_id, flare_id in totalsegmentator_to_flare(source, vertebrae=VERTEBRAE_ID in target.keys()).items():
-            if flare_id in target:
+            if _norm(target.get(flare_id, "")) == _norm(FLARE_NAMES[flare_id]):  # the target's id means the same organ
                 table.setdefault(ts_id, flare_id)
     return table
 
@@ -123,11 +123,16 @@ def relabel(label_array: np.ndarray, table: Mapping[int, int]) -> np.ndarray:
         arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         raise InputError("The label volume holds negative ids; it needs ids >= 0.")
-    top = max(int(arr.max()) if arr.size else 0, max(table, default=0))
     out_max = max(table.values(), default=0)
-    lut = np.zeros(top + 1, dtype=np.uint8 if out_max < 256 else np.uint16 if out_max < 65536 else np.int32)
+    dtype = np.uint8 if out_max < 256 else np.uint16 if out_max < 65536 else np.int32
+    top = int(arr.max()) if arr.size else 0
+    if top >= 2**20:  # huge ids: map the distinct values, not a lookup table as long as the largest id
+        ids, inverse = np.unique(arr, return_inverse=True)
+        return np.array([table.get(int(i), 0) for i in ids], dtype=dtype)[inverse].reshape(arr.shape)
+    lut = np.zeros(max(top, max((k for k in table if k < 2**20), default=0)) + 1, dtype=dtype)
     for src, dst in table.items():
-        lut[int(src)] = int(dst)
+        if int(src) < lut.size:
+            lut[int(src)] = int(dst)
     return lut[arr]
 
 

@@ -1,6 +1,8 @@
 """CT input/output: canonical LPS, exact round trips, DICOM series, label grids, bad input."""
 from __future__ import annotations
 
+import json
+
 import gzip
 import os
 from pathlib import Path
@@ -159,7 +161,7 @@ def test_dicom_geometry(dicom_ct, shared_data):
     assert dicom_ct.array.dtype == np.int16
     info = volume_info(dicom_ct)
     assert info["hu_min"] == -1024 and info["hu_max"] > 1000
-    assert info["series"] == [{"uid": "", "n_slices": 20, "description": "CT Body 3.0", "folder": str(shared_data / "totalseg_example" / "example_ct_dicom")}]
+    assert info["series"] == [{"uid": "", "n_slices": 20, "description": "CT Body 3.0", "folder": str((shared_data / "totalseg_example" / "example_ct_dicom").resolve())}]
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".nii"])
@@ -404,6 +406,31 @@ def test_dicom_series_in_subfolders(tmp_path):
     with pytest.raises(InputError) as exc:
         read_volume(tmp_path / "empty")
     assert "subfolders" in _one_sentence(exc)
+
+
+def test_dicom_series_spread_over_folders_and_symlink_loops(tmp_path):
+    """One series whose files lie in two folders is read whole, in slice order; a symbolic
+    link back up the tree neither loops nor lists the series twice."""
+    import os
+    import shutil
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(-1000, 1000, (6, 8, 9)).astype(np.int16)
+    uid = "1.2.826.0.1.3680043.2.1125.500"
+    top = tmp_path / "export"
+    _write_dicom_series(top / "all", a, uid)
+    (top / "SER1").mkdir()
+    for f in sorted((top / "all").glob("*.dcm"))[:3]:  # the first three slices elsewhere
+        shutil.move(str(f), top / "SER1" / f.name)
+    (top / "all").rename(top / "SER0")
+    (top / "misc").mkdir()
+    os.symlink("..", top / "misc" / "loop")  # export/misc/loop/misc/loop/... back to the top
+    series = list_dicom_series(top)
+    assert len(series) == 1 and series[0]["n_slices"] == 6 and len(series[0]["folders"]) == 2
+    vol = read_volume(top)
+    np.testing.assert_array_equal(vol.array, a)
+    assert "spread over 2 folders" in vol.meta["notice"]
+    json.dumps(vol.meta["series"])  # serialisable (saved with sessions and layer metadata)
 
 
 def test_dicom_missing_slice_is_noticed(tmp_path):

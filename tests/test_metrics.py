@@ -280,6 +280,10 @@ def test_translate_by_name_and_relabel():
                               {1: "liver", 13: "kidney_left", 14: "vertebrae"})
     assert table == {1: 1, 2: 13, 3: 14}
     assert translate_by_name({5: "tumour", 6: "cyst"}, {1: "cyst"}) == {6: 1}  # plain names, no FLARE rules
+    # the TotalSegmentator rules apply only where the target's id names the same organ
+    assert translate_by_name({1: "liver", 2: "vertebrae_L1", 3: "kidney_cyst_right"},
+                             {1: "liver", 14: "lung", 2: "heart"}) == {1: 1}
+    assert relabel(np.array([0, 1, 2**31 - 1]), {1: 5, 2**31 - 1: 7}).tolist() == [0, 5, 7]
     assert relabel(np.array([[0, 1, 2, 4]]), table).tolist() == [[0, 1, 13, 0]]
     with pytest.raises(InputError):
         relabel(np.array([0.5]), table)

@@ -388,6 +388,8 @@ def test_pass_cache_off_and_bounded(weights):
     assert sum(p.nbytes for p in tiny._passes.values()) <= 4096
     with pytest.raises(InputError):
         _engine(vol, weights, pass_cache_mb=-1)
+    with pytest.raises(InputError):
+        _engine(vol, weights, pass_cache_mb=float("inf"))
 
 
 def test_objects_too_small_for_the_memory_follow_the_prior(weights, monkeypatch):

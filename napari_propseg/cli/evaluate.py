@@ -130,7 +130,7 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
         if not table:
             raise InputError("No class of the ground truth's label map has a name in the prediction's label map; "
                              "check --gt-labels and --labels.")
-        unmatched = sorted(set(gt_label_names) - set(table))
+        unmatched = sorted(set(gt_label_names) - set(table) - {0})
         log.info("ground truth: %d classes translated by name, %d without a counterpart (background)", len(table), len(unmatched))
     acc = MetricAccumulator(tolerance_mm=DEFAULT_TOLERANCE_MM if tolerance_mm is None else tolerance_mm,
                             label_names=label_names)

@@ -41,9 +41,11 @@ Per-slice **confidence** (``[0, 1]``, 1 on anchors, low = doubtful), for suggest
 slice to check, is the same for both methods: between two anchors
 :func:`~.interp.gap_confidence`, ``1 - 4 w_a w_b D`` with ``D`` the anchors'
 :func:`~.interp.anchor_disagreement` (how much the labels change across the gap): lowest in
-the middle of long gaps over which the anatomy changes, so checking there splits the
-largest doubt. Outside the outermost anchors it is 0.5 on slices still holding propagated
-labels (which may run on or stop early) and 1 where they have vanished. The network's own
+the middle of the gaps whose two anchors differ most (long gaps usually do; the length
+itself does not enter), so checking there splits the largest doubt. Outside the outermost
+anchors it is 0.5 on slices still holding propagated labels (which may run on or stop
+early; :meth:`PropagationEngine.suggest_next` takes the lowest slice among equals) and 1
+where they have vanished. The network's own
 signals (the two passes' agreement, entropy, area changes) were the confidence before
 2026-11-23: in the correction loop (PROTOCOL.md section 2, 15 rounds from 3 slices) they
 chose worse slices than chance on the phantom (choice rank 0.63) and only a little better on
@@ -70,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -210,7 +213,8 @@ class PropagationEngine:
         prior_small_cells: objects covering fewer than this many memory cells (1/16 of
             the working resolution) on both bracketing anchors follow the prior alone
             (``a = 1``), and so does every class near them (:func:`_prior_map`): the
-            memory cannot hold them. 0 turns this off. Default 4 (2 x 2 cells): held-out
+            memory cannot hold them. 0 turns this off (so does ``prior="none"`` or
+            ``prior_weight=0``, which switch the prior off). Default 4 (2 x 2 cells): held-out
             totalseg_ct, mean Dice k=5 0.654 -> 0.816, k=9 0.656 -> 0.819 (phantom
             0.795 -> 0.773, 0.835 -> 0.840).
         adapt_steps: if > 0, :meth:`propagate` first fine-tunes a copy of the network for
@@ -262,8 +266,8 @@ class PropagationEngine:
             raise InputError(f"prior_weight must lie in [0, 1], got {prior_weight}.")
         if not float(prior_small_cells) >= 0.0:
             raise InputError(f"prior_small_cells must be 0 or more, got {prior_small_cells}.")
-        if not float(pass_cache_mb) >= 0.0:
-            raise InputError(f"pass_cache_mb must be 0 or more, got {pass_cache_mb}.")
+        if not (math.isfinite(float(pass_cache_mb)) and float(pass_cache_mb) >= 0.0):
+            raise InputError(f"pass_cache_mb must be a number of megabytes, 0 or more, got {pass_cache_mb}.")
         if int(adapt_steps) < 0:
             raise InputError(f"adapt_steps must be 0 or more, got {adapt_steps}.")
         if int(adapt_steps) > 0 and method != "stcn":
@@ -300,7 +304,7 @@ class PropagationEngine:
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
         self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        # (start, step, stop, objects, anchor digest) -> _CachedPass, oldest first
+        # (start, direction, stop, digest of the start anchor's labels + locked ids) -> _CachedPass, oldest used first
         self._passes: OrderedDict[tuple, _CachedPass] = OrderedDict()
         self._pass_budget = int(float(pass_cache_mb) * 2**20)
         self._confidence = np.full(vol.shape[0], np.nan, dtype=np.float32)
