@@ -419,3 +419,31 @@ def test_objects_too_small_for_the_memory_follow_the_prior(weights, monkeypatch)
     assert min(areas[0.0]) == 24 * 20  # the whole slice
     with pytest.raises(InputError):
         _engine(vol, weights, prior_small_cells=-1)
+
+
+def test_outward_confidence_falls_toward_where_the_labels_stop_and_stale_passes_go(weights, monkeypatch):
+    vol, lab, _ = _case(depth=12)
+    lab[:] = 0
+    lab[6, 4:12, 3:10] = 1
+
+    def reach_three(start, start_values, targets, *, stop, tick, cancel):
+        out = {}
+        for z in targets:
+            p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
+            p[1 if abs(z - start) <= 3 else 0] = 255  # the label runs 3 slices each way
+            out[z] = p
+            tick(z)
+        return out
+
+    eng = _engine(vol, weights)
+    monkeypatch.setattr(eng, "_pass", reach_three)
+    res = eng.propagate(lab, [6])
+    np.testing.assert_allclose(res.confidence[[3, 4, 5, 7, 8, 9]], [0.5, 2 / 3, 5 / 6, 5 / 6, 2 / 3, 0.5], atol=1e-6)
+    assert (res.confidence[[0, 1, 2, 10, 11]] == 1.0).all()
+    assert eng.suggest_next(res.confidence, [6]) == 3
+    # the anchor's labels change: its old passes are dropped before anything runs
+    assert len(eng._passes) == 2
+    edited = lab.copy()
+    edited[6] = np.roll(lab[6], 1, axis=0)
+    eng.propagate(edited, [6])
+    assert len(eng._passes) == 2 and all(k[-1] == eng._pass_digest(edited, 6, np.array([], np.int64)) for k in eng._passes)

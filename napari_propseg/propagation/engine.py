@@ -43,9 +43,8 @@ slice to check, is the same for both methods: between two anchors
 :func:`~.interp.anchor_disagreement` (how much the labels change across the gap): lowest in
 the middle of the gaps whose two anchors differ most (long gaps usually do; the length
 itself does not enter), so checking there splits the largest doubt. Outside the outermost
-anchors it is 0.5 on slices still holding propagated labels (which may run on or stop
-early; :meth:`PropagationEngine.suggest_next` takes the lowest slice among equals) and 1
-where they have vanished. The network's own
+anchors it falls from 1 next to the anchor to 0.5 on the farthest slice still holding
+propagated labels (do they really stop there?), and is 1 where they have vanished. The network's own
 signals (the two passes' agreement, entropy, area changes) were the confidence before
 2026-11-23: in the correction loop (PROTOCOL.md section 2, 15 rounds from 3 slices) they
 chose worse slices than chance on the phantom (choice rank 0.63) and only a little better on
@@ -489,6 +488,7 @@ class PropagationEngine:
         if self.method == "interp":
             conf = self._run_interp(labels, anchors, segs, locked, out, progress, cancel)
         else:
+            self._prune_passes(labels, anchors, locked)
             conf = self._run_stcn(labels, segs, locked, out, progress, cancel)
         self._confidence[anchors] = 1.0
         self._confidence[computed] = conf[computed]
@@ -675,7 +675,7 @@ class PropagationEngine:
                 check_cancel(cancel)
                 tick(z)
             return {z: None for z in targets}, objects
-        digest = hashlib.blake2b(np.ascontiguousarray(labels[start]).tobytes() + locked.tobytes(), digest_size=16).digest()
+        digest = self._pass_digest(labels, start, locked)
         key = (start, 1 if targets[0] > start else -1, stop, digest)
         hit = self._passes.get(key)
         if hit is not None and hit.targets[: len(targets)] == targets:
@@ -744,11 +744,30 @@ class PropagationEngine:
                     start = seg.hi if seg.kind == "below" else seg.lo
                     order = zs[::-1] if seg.kind == "below" else zs
                     probs, _ = self._cached_pass(start, labels, locked, order, stop=True, tick=tick, cancel=cancel)
+                    carried = []
                     for z in order:
                         self._finish(z, _dequantize(probs.pop(z)), objects, labels, locked, out)
-                        carried = np.any((out[z] != 0) & ~np.isin(out[z], locked))
-                        conf[z] = UNKNOWN_CONFIDENCE if carried else 1.0
+                        conf[z] = 1.0
+                        if np.any((out[z] != 0) & ~np.isin(out[z], locked)):
+                            carried.append(z)
+                    if carried:  # doubt grows toward where the labels stop: 0.5 on the farthest carried slice
+                        reach = max(abs(z - start) for z in carried)
+                        for z in carried:
+                            conf[z] = 1.0 - 0.5 * abs(z - start) / reach
         return conf
+
+    def _prune_passes(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> None:
+        """Drop cached passes whose start slice is no longer an anchor or whose anchor labels
+        changed (they can never be reused for these labels; frees their memory now)."""
+        current = set(anchors)
+        for key in list(self._passes):
+            start, digest = key[0], key[-1]
+            if start not in current or digest != self._pass_digest(labels, start, locked):
+                del self._passes[key]
+
+    @staticmethod
+    def _pass_digest(labels: np.ndarray, start: int, locked: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(labels[start]).tobytes() + locked.tobytes(), digest_size=16).digest()
 
     def _prior_weights(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> torch.Tensor:
         """(K+1, 1, 1) weights of the SDF prior per channel: ``prior_weight``, except 1 for
