@@ -267,6 +267,11 @@ def test_cli_evaluate_translates_totalsegmentator_ground_truth(shared_data, tmp_
     assert main(["evaluate", str(pred), str(gt), "--out", str(tmp_path / "raw.csv")]) == 0
     raw = [r for r in csv.DictReader((tmp_path / "raw.csv").open()) if r["label"] == "mean"]
     assert float(raw[0]["dice"]) < 0.5
+    # a ground truth that only knows the liver: the prediction's other organs are not scored
+    (tmp_path / "liver_only.json").write_text('{"5": "liver"}')
+    assert main(["evaluate", str(pred), str(gt), "--gt-labels", str(tmp_path / "liver_only.json"), "--out", str(out)]) == 0
+    rows = [r for r in csv.DictReader(out.open()) if r["label"] != "mean"]
+    assert [(r["name"], float(r["dice"])) for r in rows] == [("liver", 1.0)]
     # a label map with no class in common: one sentence, exit 2
     (tmp_path / "other.json").write_text('{"1": "tumour"}')
     assert main(["evaluate", str(pred), str(gt), "--gt-labels", str(tmp_path / "other.json"), "--out", str(out)]) == 2

@@ -114,7 +114,8 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
     """Score PRED against GT (files or folders) and write the CSV; returns the report rows.
 
     ``gt_label_names`` (id -> name of the GT files' ids) translates the ground truth by
-    class name to the ids of ``label_names`` first (:func:`~napari_propseg.labelmap.translate_by_name`).
+    class name to the ids of ``label_names`` first (:func:`~napari_propseg.labelmap.translate_by_name`);
+    predicted classes without a counterpart in that map are then left out of the scores.
     """
     from ..io import read_labels, read_volume
     from ..labelmap import relabel, translate_by_name
@@ -140,8 +141,10 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
         gt_arr = read_labels(g, like=ref).array
         if table is not None:
             gt_arr = relabel(gt_arr, table)
-        pr_lab = read_labels(p, like=ref)
-        acc.update(pr_lab.array, gt_arr, ref.spacing, case=case)
+        pr_arr = read_labels(p, like=ref).array
+        if table is not None:
+            pr_arr = _only_comparable(pr_arr, set(table.values()), case)
+        acc.update(pr_arr, gt_arr, ref.spacing, case=case)
         if progress is not None:
             progress(i + 1, len(pairs), case)
         if cancel is not None and cancel():
@@ -150,6 +153,19 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
             raise CancelledError("cancelled by the user")
     acc.to_csv(out)
     return acc.report_rows()
+
+
+def _only_comparable(pred, comparable: set[int], case: str):
+    """``pred`` with the ids the ground truth's label map cannot hold set to background:
+    a class the annotators never drew is not a false positive."""
+    import numpy as np
+
+    present = {int(v) for v in np.unique(pred)} - {0}
+    dropped = sorted(present - comparable)
+    if not dropped:
+        return pred
+    log.warning("%s: predicted label(s) %s have no class in the ground truth's label map; not scored", case, dropped)
+    return np.where(np.isin(pred, dropped), 0, pred)
 
 
 def _f(v) -> str:
