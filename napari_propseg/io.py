@@ -31,7 +31,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -334,7 +334,7 @@ def is_readable_path(path: str | os.PathLike) -> bool:
     try:
         p = Path(path)
         if p.is_dir():
-            return _folder_has_dicom(p) or any(_folder_has_dicom(sub, max_files=8) for sub in _subfolders(p, max_folders=64))
+            return _folder_has_dicom(p) or any(_folder_has_dicom(sub, max_files=8) for sub in itertools.islice(_iter_subfolders(p), 64))
         return p.is_file() and _lower_suffix(p) in VOLUME_EXTENSIONS
     except (OSError, TypeError, ValueError):
         return False
@@ -343,15 +343,20 @@ def is_readable_path(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _dicom_tag(filename: str, tag: str) -> str:
+def _dicom_tags(filename: str, *tags: str) -> list[str]:
+    """The values of ``tags`` in one DICOM file's header ('' where missing or unreadable)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(filename)
     reader.LoadPrivateTagsOff()
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return ""
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+        return [""] * len(tags)
+    return [reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags]
+
+
+def _dicom_tag(filename: str, tag: str) -> str:
+    return _dicom_tags(filename, tag)[0]
 
 
 def _check_folder(folder: Path) -> None:
@@ -386,47 +391,39 @@ def _child_folders(folder: Path) -> list[Path]:
         return []
 
 
-def _subfolders(folder: Path, max_folders: int = DICOM_SCAN_MAX_FOLDERS) -> list[Path]:
-    """Subfolders of ``folder`` breadth first, at most DICOM_SCAN_DEPTH levels down and
-    ``max_folders`` in all (a PACS export: patient/study/series/...)."""
-    found: list[Path] = []
+def _iter_subfolders(folder: Path, descend: Callable[[Path], bool] = lambda _: True) -> Iterator[Path]:
+    """Subfolders of ``folder``, breadth first, at most DICOM_SCAN_DEPTH levels down (a PACS
+    export: patient/study/series/...); a folder for which ``descend`` says False (called
+    after it was yielded) is not entered. Lazy: the caller stops the walk."""
     level = [folder]
     for _ in range(DICOM_SCAN_DEPTH):
         nxt = []
         for f in level:
-            nxt += _child_folders(f)
-            if len(found) + len(nxt) >= max_folders:
-                return (found + nxt)[:max_folders]
-        found += nxt
+            for sub in _child_folders(f):
+                yield sub
+                if descend(sub):
+                    nxt.append(sub)
         if not nxt:
-            break
+            return
         level = nxt
-    return found
 
 
 def _series_below(folder: Path) -> list[dict[str, Any]]:
-    """DICOM series in the subfolders of ``folder``: breadth first, at most
-    DICOM_SCAN_DEPTH levels and DICOM_SCAN_MAX_FOLDERS folders, not below a folder that
-    holds a series, not through symbolic links. A series whose files are spread over
-    several folders (one UID) becomes one entry with all its ``folders``."""
+    """DICOM series in the subfolders of ``folder`` (:func:`_iter_subfolders`, at most
+    DICOM_SCAN_MAX_FOLDERS folders), not below a folder that holds a series. A series whose
+    files are spread over several folders (one UID) becomes one entry with all its
+    ``folders``."""
     found: list[dict[str, Any]] = []
-    level, visited = [folder], 0
-    for _ in range(DICOM_SCAN_DEPTH):
-        nxt = []
-        for f in level:
-            for sub in _child_folders(f):
-                visited += 1
-                if visited > DICOM_SCAN_MAX_FOLDERS:
-                    log.warning("stopped looking for DICOM series below %s after %d folders", folder, DICOM_SCAN_MAX_FOLDERS)
-                    return _merge_split_series(found)
-                here = _series_in(sub)
-                if here:
-                    found += here
-                else:
-                    nxt.append(sub)
-        if not nxt:
+
+    def scan(sub: Path) -> bool:
+        here = _series_in(sub)
+        found.extend(here)
+        return not here
+
+    for n, _ in enumerate(_iter_subfolders(folder, descend=scan), start=1):
+        if n > DICOM_SCAN_MAX_FOLDERS:  # folder n is not scanned: scan() runs when the walk resumes
+            log.warning("stopped looking for DICOM series below %s after %d folders", folder, DICOM_SCAN_MAX_FOLDERS)
             break
-        level = nxt
     return _merge_split_series(found)
 
 
@@ -449,21 +446,20 @@ def _merge_split_series(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _slice_position(filename: str) -> float | None:
     """Position of a DICOM slice along its normal (ImagePositionPatient . normal), or None."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(filename)
-    reader.LoadPrivateTagsOff()
+    pos_text, iop_text = _dicom_tags(filename, "0020|0032", "0020|0037")
     try:
-        reader.ReadImageInformation()
-        pos = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
-        iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
-    except (RuntimeError, ValueError):
+        pos = [float(v) for v in pos_text.split("\\")]
+        iop = [float(v) for v in iop_text.split("\\")]
+    except ValueError:
+        return None
+    if len(pos) != 3 or len(iop) != 6:
         return None
     return float(np.dot(pos, np.cross(iop[:3], iop[3:])))
 
 
 def _series_files(chosen: dict[str, Any]) -> list[str]:
     """The files of a series, in slice order (sorted by position when spread over folders)."""
-    folders = chosen.get("folders") or [chosen["folder"]]
+    folders = chosen["folders"]
     files = [f for d in folders for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), chosen["uid"])]
     if len(folders) > 1:
         pos = [_slice_position(f) for f in files]

@@ -85,8 +85,8 @@ def totalsegmentator_to_flare(names: Mapping[int, str], *, vertebrae: bool = Tru
 def translate_by_name(source: Mapping[int, str], target: Mapping[int, str]) -> dict[int, int]:
     """Id table from one label map to another, matching class names.
 
-    Names are compared case-insensitively with spaces and dashes as underscores. When the
-    target holds the FLARE names (:data:`FLARE_NAMES`), the TotalSegmentator rules of
+    Names are compared case-insensitively with spaces and dashes as underscores. Wherever a
+    target id carries its FLARE name (:data:`FLARE_NAMES`), the TotalSegmentator rules of
     :func:`totalsegmentator_to_flare` apply too (kidney cysts fold into their kidney,
     every ``vertebrae_*`` class into vertebrae), so a TotalSegmentator v1 or v2 ground truth
     can be scored against FLARE-id predictions.
@@ -100,11 +100,9 @@ def translate_by_name(source: Mapping[int, str], target: Mapping[int, str]) -> d
     """
     by_name = {_norm(n): int(i) for i, n in target.items()}
     table = {int(i): by_name[_norm(n)] for i, n in source.items() if _norm(n) in by_name}
-    flare = {_norm(n): i for i, n in FLARE_NAMES.items()}
-    if all(by_name.get(n) == i for n, i in flare.items() if n in by_name) and set(by_name) & set(flare):
-        for ts_id, flare_id in totalsegmentator_to_flare(source, vertebrae=VERTEBRAE_ID in target.keys()).items():
-            if _norm(target.get(flare_id, "")) == _norm(FLARE_NAMES[flare_id]):  # the target's id means the same organ
-                table.setdefault(ts_id, flare_id)
+    for ts_id, flare_id in totalsegmentator_to_flare(source, vertebrae=VERTEBRAE_ID in target.keys()).items():
+        if _norm(target.get(flare_id, "")) == _norm(FLARE_NAMES[flare_id]):  # the target's id means the same organ
+            table.setdefault(ts_id, flare_id)
     return table
 
 
@@ -129,9 +127,9 @@ def relabel(label_array: np.ndarray, table: Mapping[int, int]) -> np.ndarray:
     if top >= 2**20:  # huge ids: map the distinct values, not a lookup table as long as the largest id
         ids, inverse = np.unique(arr, return_inverse=True)
         return np.array([table.get(int(i), 0) for i in ids], dtype=dtype)[inverse].reshape(arr.shape)
-    lut = np.zeros(max(top, max((k for k in table if k < 2**20), default=0)) + 1, dtype=dtype)
+    lut = np.zeros(top + 1, dtype=dtype)  # ids above the largest present never occur
     for src, dst in table.items():
-        if int(src) < lut.size:
+        if int(src) <= top:
             lut[int(src)] = int(dst)
     return lut[arr]
 

@@ -446,4 +446,4 @@ def test_outward_confidence_falls_toward_where_the_labels_stop_and_stale_passes_
     edited = lab.copy()
     edited[6] = np.roll(lab[6], 1, axis=0)
     eng.propagate(edited, [6])
-    assert len(eng._passes) == 2 and all(k[-1] == eng._pass_digest(edited, 6, np.array([], np.int64)) for k in eng._passes)
+    assert len(eng._passes) == 2 and all(k[-1] == engine_mod._slice_digest(edited[6], np.array([], np.int64)) for k in eng._passes)

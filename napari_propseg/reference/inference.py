@@ -248,6 +248,43 @@ def suggest_slices(
     return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed, agreement)
 
 
+def agreement_counts(masks: Sequence[torch.Tensor], ensemble: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel counts for the networks' agreement with their ensemble.
+
+    Args:
+        masks: M argmax label maps (any shape, the same for all), one per network.
+        ensemble: the ensemble's label map, same shape.
+        n_classes: number of classes.
+
+    Returns:
+        ``inter`` (M, C) ``|mask_m == c and ensemble == c|``, ``size_m`` (M, C) ``|mask_m == c|``
+        and ``size_e`` (C,) ``|ensemble == c|``, int64; they add up over slices.
+    """
+    ens = ensemble.reshape(-1)
+    size_e = torch.bincount(ens, minlength=n_classes)[:n_classes].numpy().astype(np.int64)
+    inter = np.zeros((len(masks), n_classes), dtype=np.int64)
+    size_m = np.zeros((len(masks), n_classes), dtype=np.int64)
+    for m, mask in enumerate(masks):
+        mk = mask.reshape(-1)
+        size_m[m] = torch.bincount(mk, minlength=n_classes)[:n_classes].numpy()
+        inter[m] = torch.bincount(mk[mk == ens], minlength=n_classes)[:n_classes].numpy()
+    return inter, size_m, size_e
+
+
+def agreement_dice(inter: np.ndarray, size_m: np.ndarray, size_e: np.ndarray) -> dict[int, dict[int, float]]:
+    """``{network: {class: Dice with the ensemble}}`` from :func:`agreement_counts`, over
+    the foreground classes any map holds; a class only other maps hold counts as agreement
+    (both empty: Dice 1)."""
+    present = [c for c in range(1, size_e.shape[0]) if size_e[c] > 0 or size_m[:, c].any()]
+    out: dict[int, dict[int, float]] = {}
+    for m in range(size_m.shape[0]):
+        out[m] = {}
+        for c in present:
+            denom = int(size_m[m, c] + size_e[c])
+            out[m][c] = 2.0 * int(inter[m, c]) / denom if denom else 1.0
+    return out
+
+
 def slice_agreement(masks: Sequence[torch.Tensor], ensemble: torch.Tensor, n_classes: int) -> float:
     """Mean Dice between each network's mask and the ensemble mask on one slice.
 
@@ -260,17 +297,7 @@ def slice_agreement(masks: Sequence[torch.Tensor], ensemble: torch.Tensor, n_cla
         Mean over networks and foreground classes present in any map of the Dice with the
         ensemble; 1.0 when no map holds foreground.
     """
-    ens = ensemble.reshape(-1)
-    size_e = torch.bincount(ens, minlength=n_classes)[:n_classes]
-    flat = [m.reshape(-1) for m in masks]
-    sizes = [torch.bincount(mk, minlength=n_classes)[:n_classes] for mk in flat]
-    present = [c for c in range(1, n_classes) if size_e[c] > 0 or any(sz[c] > 0 for sz in sizes)]
-    scores = []
-    for mk, size_m in zip(flat, sizes):
-        inter = torch.bincount(mk[mk == ens], minlength=n_classes)[:n_classes]
-        for c in present:
-            denom = int(size_m[c] + size_e[c])
-            scores.append(2.0 * int(inter[c]) / denom if denom else 1.0)  # both empty: agrees
+    scores = [d for per in agreement_dice(*agreement_counts(masks, ensemble, n_classes)).values() for d in per.values()]
     return float(np.mean(scores)) if scores else 1.0
 
 

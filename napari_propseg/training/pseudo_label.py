@@ -73,7 +73,7 @@ def ensemble_pseudo_label(
         models: M reference networks with the same ``num_classes``.
         device, progress, cancel: as in :func:`napari_propseg.reference.inference.suggest_slices`.
     """
-    from ..reference.inference import _as_hu, iter_slice_probabilities, load_models
+    from ..reference.inference import _as_hu, agreement_counts, agreement_dice, iter_slice_probabilities, load_models
 
     hu = _as_hu(volume_hu)
     nets = load_models(models)
@@ -91,22 +91,13 @@ def ensemble_pseudo_label(
         # ties of the vote go to the class with the larger mean probability (< 1/M apart)
         pseudo = (votes + mean_prob * (0.5 / n_models)).argmax(-1)
         labels[z] = pseudo.numpy().astype(dtype)
-        size_p += np.bincount(pseudo.reshape(-1).numpy(), minlength=n_classes)[:n_classes]
-        for m, mask in enumerate(masks):
-            mk = mask.reshape(-1).numpy()
-            size_m[m] += np.bincount(mk, minlength=n_classes)[:n_classes]
-            same = mk[mk == pseudo.reshape(-1).numpy()]
-            inter[m] += np.bincount(same, minlength=n_classes)[:n_classes]
-    per: dict[int, dict[int, float]] = {m: {} for m in range(n_models)}
-    scores = []
-    present = [c for c in range(1, n_classes) if size_p[c] > 0 or size_m[:, c].any()]
-    for m in range(n_models):
-        for c in present:
-            denom = size_m[m, c] + size_p[c]
-            # an organ only another model predicts: this model agrees with the consensus (both empty)
-            d = 2.0 * inter[m, c] / denom if denom else 1.0
-            per[m][c] = float(d)
-            scores.append(d)
+        i, sm, sp = agreement_counts(masks, pseudo, n_classes)
+        inter += i
+        size_m += sm
+        size_p += sp
+    # an organ only another model predicts: this model agrees with the consensus (both empty)
+    per = agreement_dice(inter, size_m, size_p)
+    scores = [d for organs in per.values() for d in organs.values()]
     score = float(np.mean(scores)) if scores else float("nan")
     return EnsembleResult(labels, score, per)
 
