@@ -284,7 +284,7 @@ def test_sdf_prior_keeps_a_small_organ_the_network_loses(weights, monkeypatch):
 
     results = {}
     for prior in ("none", "sdf"):
-        eng = _engine(vol, weights, prior=prior)
+        eng = _engine(vol, weights, prior=prior, appearance={"weight": 0})  # the linear SDF fusion (no image term)
         monkeypatch.setattr(eng, "_pass", blind_pass)
         results[prior] = eng.propagate(lab, [1, 10]).labels
     assert not (results["none"][2:10] == 1).any()
@@ -411,7 +411,7 @@ def test_objects_too_small_for_the_memory_follow_the_prior(weights, monkeypatch)
 
     areas = {}
     for cells in (4.0, 0.0):
-        eng = _engine(vol, weights, prior_weight=0.3, prior_small_cells=cells)
+        eng = _engine(vol, weights, prior_weight=0.3, prior_small_cells=cells, appearance={"weight": 0})
         monkeypatch.setattr(eng, "_pass", greedy_pass)
         res = eng.propagate(lab, [1, 10]).labels
         areas[cells] = [int((res[z] == 1).sum()) for z in range(2, 10)]

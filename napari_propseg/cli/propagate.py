@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from typing import TextIO
@@ -16,7 +17,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import read_labels, read_volume, write_labels
-from ..propagation.engine import METHODS, PropagationEngine
+from ..propagation.appearance import AppearanceOptions
+from ..propagation.engine import METHODS, NETWORK_WEIGHT, PropagationEngine
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=non_negative_int, default=0, metavar="N",
                    help="online adaptation: first fine-tune a copy of the STCN network for N steps on the anchors "
                    "(0 = off, the default; implies --method stcn; see models/propagation/stcn_default.md for whether it helps)")
+    p.add_argument("--appearance", type=non_negative_float, default=AppearanceOptions.weight, metavar="W",
+                   help="weight of the CT intensity model between anchors (shape prior x p(HU | organ) learnt from the two "
+                   f"bracketing anchors; default {AppearanceOptions.weight}; 0 = plain signed-distance interpolation / the "
+                   "network with the SDF prior)")
+    p.add_argument("--network-weight", type=non_negative_float, default=NETWORK_WEIGHT, metavar="W",
+                   help=f"with --method stcn: exponent of the network's probabilities in that fusion (default {NETWORK_WEIGHT})")
     p.add_argument("--lock", default=None, metavar="ID,ID,...", help="label ids kept exactly as in SEEDS on every slice")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
 
 
 def int_at_least(minimum: int):
@@ -130,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adapt_steps and args.method != "stcn":
         raise InputError(f"--adapt-steps fine-tunes the STCN network; it cannot be used with --method {args.method}.")
     engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing,
-                               adapt_steps=args.adapt_steps)
+                               adapt_steps=args.adapt_steps, appearance={"weight": args.appearance},
+                               network_weight=args.network_weight)
     progress = None if args.quiet else ProgressBar(sys.stderr)
     if args.adapt_steps:
         engine.adapt(seeds.array, anchors, locked_labels=locked, progress=None if args.quiet else ProgressBar(sys.stderr, label="adapt"))

@@ -89,6 +89,7 @@ from ..progress import CancelFn, ProgressFn, check_cancel, report
 from ..weights import models_dir
 from .adapt import AdaptResult, adapt_stcn
 from .adapt import adapt_options as adapt_options_checked
+from .appearance import AppearanceOptions, GapAppearance, guided_slice, tau_pixels
 from .interp import anchor_disagreement, check_anchors, gap_confidence, sdf_interpolate_with_confidence
 from .memory import MemoryBank
 from .network import STCN, load_stcn, others_union
@@ -102,6 +103,10 @@ PRIORS = ("none", "sdf")
 DEFAULT_ADAPT_STEPS = 30
 #: Stride of the memory (keys and values) relative to the network's working resolution.
 MEMORY_STRIDE = 16
+#: Exponent of the network's probabilities in the image-guided fusion (see ``network_weight``).
+NETWORK_WEIGHT = 0.5
+#: The network's probabilities are floored here before the log (it cannot veto a class alone).
+NETWORK_FLOOR = 0.05
 #: Confidence given to slices this engine never computed (unknown, neither good nor bad).
 UNKNOWN_CONFIDENCE = 0.5
 
@@ -249,6 +254,8 @@ class PropagationEngine:
         adapt_steps: int = 0,
         adapt_options: dict | None = None,
         pass_cache_mb: float = 768.0,
+        appearance: AppearanceOptions | dict | None = None,
+        network_weight: float = NETWORK_WEIGHT,
     ) -> None:
         vol = np.asarray(volume_hu)
         if vol.ndim != 3 or min(vol.shape) < 1:
@@ -269,6 +276,19 @@ class PropagationEngine:
             raise InputError(f"pass_cache_mb must be a number of megabytes, 0 or more, got {pass_cache_mb}.")
         if int(adapt_steps) < 0:
             raise InputError(f"adapt_steps must be 0 or more, got {adapt_steps}.")
+        if not (math.isfinite(float(network_weight)) and float(network_weight) >= 0.0):
+            raise InputError(f"network_weight must be a finite number, 0 or more, got {network_weight}.")
+        if appearance is None:
+            appearance = AppearanceOptions()
+        elif isinstance(appearance, dict):
+            try:
+                appearance = AppearanceOptions(**appearance)
+            except TypeError as exc:
+                raise InputError(f"Unknown appearance option in {sorted(appearance)}; use weight, tau_mm, tau_growth, band_mm.") from exc
+        #: image-guided fusion between anchors (:mod:`.appearance`); weight 0 switches it off.
+        self.appearance: AppearanceOptions = appearance
+        self.network_weight = float(network_weight)
+        self.spacing = tuple(float(v) for v in spacing) if spacing is not None else (1.0, 1.0, 1.0)
         if int(adapt_steps) > 0 and method != "stcn":
             raise InputError(f"Online adaptation (adapt_steps={adapt_steps}) fine-tunes the STCN network; use method='stcn' or adapt_steps=0.")
         self.adapt_steps = int(adapt_steps)
@@ -500,7 +520,8 @@ class PropagationEngine:
 
     def _run_interp(self, labels, anchors, segs, locked, out, progress, cancel) -> np.ndarray:
         gaps = [(s.lo, s.hi) for s in segs if s.kind == "between"]
-        interp, conf = sdf_interpolate_with_confidence(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel, ranges=gaps)
+        interp, conf = sdf_interpolate_with_confidence(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel, ranges=gaps,
+                                                       image=self.volume_hu, spacing=self.spacing, appearance=self.appearance)
         for s in segs:
             zs = s.slices
             out[zs] = interp[zs]
@@ -722,6 +743,9 @@ class PropagationEngine:
                 if seg.kind == "between":
                     up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
                     down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
+                    if self.appearance.enabled and self.prior == "sdf":
+                        self._run_guided_gap(seg, zs, up, up_objects, down, down_objects, objects, labels, locked, out, conf)
+                        continue
                     sdf = self._anchor_sdf(labels[seg.lo], labels[seg.hi], objects) if self.prior == "sdf" and self.prior_weight > 0 else None
                     prior_w, small = self._prior_weights(labels[seg.lo], labels[seg.hi], objects) if sdf is not None else (None, None)
                     disagree = anchor_disagreement(labels[seg.lo], labels[seg.hi], objects)
@@ -752,6 +776,45 @@ class PropagationEngine:
                         for z in carried:
                             conf[z] = 1.0 - 0.5 * abs(z - start) / reach
         return conf
+
+    def _run_guided_gap(self, seg, zs, up, up_objects, down, down_objects, objects, labels, locked, out, conf) -> None:
+        """Fill a gap with the image-guided fusion at full resolution (body crop):
+        ``argmax log prior_SDF + a * log p(HU | class) + n * log max(p_net, floor)`` with
+        ``a`` = ``appearance.weight``, ``n`` = ``network_weight`` (see :mod:`.appearance`).
+
+        The network's term is left out (0) near objects smaller than
+        ``prior_small_cells`` memory cells on both anchors: its 1/16 memory cannot hold
+        them, so it may not vote them away."""
+        from .interp import _bracket_sdf
+
+        r = self.model.resolution
+        a, b = seg.lo, seg.hi
+        ca, cb = self._crop(labels[a], 0), self._crop(labels[b], 0)
+        ia, ib = self._crop(self.volume_hu[a], -1000.0), self._crop(self.volume_hu[b], -1000.0)
+        px = 0.5 * (self.spacing[1] + self.spacing[2])
+        model = GapAppearance(ia, ib, ca, cb, objects, px, self.appearance)
+        sdfs = [tuple(torch.from_numpy(x).to(self.device) for x in _bracket_sdf(ca == i, cb == i)) for i in objects]
+        _, small = self._prior_weights(labels[a], labels[b], objects)
+        disagree = anchor_disagreement(labels[a], labels[b], objects)
+        size = ca.shape
+        for z in zs:
+            wa = (b - z) / (b - a)
+            d = torch.stack([wa * da + (1.0 - wa) * db for da, db in sdfs])  # K, h, w (full-res pixels)
+            extra = None
+            if self.network_weight > 0:
+                pu = _expand(up.pop(z), up_objects, objects, r, self.device)
+                pd = _expand(down.pop(z), down_objects, objects, r, self.device)
+                pn = F.interpolate((wa * pu + (1.0 - wa) * pd).unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+                extra = self.network_weight * torch.log(pn.clamp_min(NETWORK_FLOOR))
+                if bool(small.any()):
+                    near = (d[small] < SMALL_OBJECT_MARGIN_PX).any(dim=0, keepdim=True)
+                    extra = torch.where(near, torch.zeros_like(extra), extra)
+            else:
+                up.pop(z), down.pop(z)
+            lp = guided_slice(d, self._crop(self.volume_hu[z], -1000.0), model, wa,
+                              tau_pixels(self.appearance, z, a, b, self.spacing), self.appearance.weight, extra)
+            self._place(z, _channel_argmax(lp), objects, labels, locked, out)
+            conf[z] = gap_confidence(wa, disagree)
 
     def _prune_passes(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> None:
         """Drop cached passes whose start slice is no longer an anchor or whose anchor labels
@@ -812,8 +875,15 @@ class PropagationEngine:
         h, w = labels.shape[1:]
         y0, y1, x0, x1 = self.box if self.box is not None else (0, h, 0, w)
         full = F.interpolate(p.unsqueeze(0), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
-        lut = torch.as_tensor([0] + list(objects), dtype=torch.int64, device=p.device)
-        crop = lut[_channel_argmax(full)].cpu().numpy().astype(labels.dtype)
+        self._place(z, _channel_argmax(full), objects, labels, locked, out)
+
+    def _place(self, z, idx, objects, labels, locked, out) -> None:
+        """Class indices (body crop, 0 = background, i = ``objects[i - 1]``) into slice z of
+        ``out``: label ids, background outside the crop, locked voxels kept."""
+        h, w = labels.shape[1:]
+        y0, y1, x0, x1 = self.box if self.box is not None else (0, h, 0, w)
+        lut = torch.as_tensor([0] + list(objects), dtype=torch.int64, device=idx.device)
+        crop = lut[idx].cpu().numpy().astype(labels.dtype)
         lab = np.zeros((h, w), dtype=labels.dtype)  # outside the body crop: background
         lab[max(0, y0):min(h, y1), max(0, x0):min(w, x1)] = crop[max(0, -y0):crop.shape[0] - max(0, y1 - h), max(0, -x0):crop.shape[1] - max(0, x1 - w)]
         if locked.size:

@@ -107,8 +107,17 @@ def sdf_interpolate_with_confidence(
     progress: ProgressFn = None,
     cancel: CancelFn = None,
     ranges: Sequence[tuple[int, int]] | None = None,
+    image: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    appearance=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SDF interpolation between bracketing anchors, with a per-slice confidence.
+
+    With ``image`` and ``appearance`` (an enabled
+    :class:`~.appearance.AppearanceOptions`) the blended signed distances become a shape
+    prior fused with an intensity model of the two anchors (:mod:`.appearance`): the CT
+    moves the interpolated contours near their boundary. Without them (the default) this
+    is plain SDF interpolation.
 
     Args:
         labels: (Z, Y, X) integer labels; only the anchor slices are read (and the
@@ -120,6 +129,9 @@ def sdf_interpolate_with_confidence(
         cancel: returns True to stop (raises :class:`CancelledError` between slices).
         ranges: optional list of ``(a, b)`` pairs of consecutive anchors whose gap is to be
             computed; default all gaps.
+        image: (Z, Y, X) CT in HU on the labels' grid, for the image-guided fusion.
+        spacing: (sz, sy, sx) mm (default 1 mm) for the fusion's mm parameters.
+        appearance: :class:`~.appearance.AppearanceOptions`; None or weight 0: plain SDF.
 
     Returns:
         ``(out, confidence)``: out (Z, Y, X) of ``labels``' dtype, anchors bit-identical,
@@ -143,6 +155,12 @@ def sdf_interpolate_with_confidence(
     if ranges is not None:
         wanted = {(int(a), int(b)) for a, b in ranges}
         gaps = [g for g in gaps if g in wanted]
+    guided = image is not None and appearance is not None and appearance.enabled
+    if guided:
+        image = np.asarray(image)
+        if image.shape != labels.shape:
+            raise InputError(f"The CT's shape {image.shape} differs from the labels' {labels.shape}; put the labels on the image grid.")
+        spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     total = sum(b - a - 1 for a, b in gaps)
     step = 0
     for a, b in gaps:
@@ -150,10 +168,22 @@ def sdf_interpolate_with_confidence(
         ids = ids[(ids != 0) & ~np.isin(ids, locked)]
         sdfs = [_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids]
         disagree = anchor_disagreement(labels[a], labels[b], ids)
+        model = None
+        if guided and len(ids):
+            from .appearance import GapAppearance, tau_pixels
+
+            model = GapAppearance(image[a], image[b], labels[a], labels[b], ids, 0.5 * (spacing[1] + spacing[2]), appearance)
+            lut = np.concatenate([[0], ids]).astype(labels.dtype)
         for z in range(a + 1, b):
             check_cancel(cancel)
             wb = (z - a) / (b - a)
             wa = 1.0 - wb
+            if model is not None:
+                out[z] = _guided_slice(sdfs, wa, image[z], model, lut, appearance, tau_pixels(appearance, z, a, b, spacing))
+                confidence[z] = gap_confidence(wa, disagree)
+                step += 1
+                report(progress, step, total, f"interpolating slice {z}")
+                continue
             best = np.zeros(labels.shape[1:], dtype=np.float32)  # most negative blended distance so far
             sl = np.zeros(labels.shape[1:], dtype=labels.dtype)
             for i, (da, db) in zip(ids, sdfs):
@@ -169,6 +199,17 @@ def sdf_interpolate_with_confidence(
         keep = np.isin(labels, locked)
         out[keep] = labels[keep]
     return out, confidence
+
+
+def _guided_slice(sdfs, wa: float, image: np.ndarray, model, lut: np.ndarray, appearance, tau_px: float) -> np.ndarray:
+    """One slice of the image-guided interpolation: arg-max of shape prior x intensity model."""
+    import torch
+
+    from .appearance import guided_slice
+
+    d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
+    lp = guided_slice(d, image, model, wa, tau_px, appearance.weight)
+    return lut[torch.max(lp, dim=0).indices.numpy()]
 
 
 def sdf_interpolate(labels: np.ndarray, anchors: Sequence[int], *, progress: ProgressFn = None, cancel: CancelFn = None) -> np.ndarray:
