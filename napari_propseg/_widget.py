@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QDoubleSpinBox,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -37,6 +38,7 @@ from qtpy.QtWidgets import (
 from .errors import CancelledError, InputError
 from .preprocess import DISPLAY_PRESETS
 from .session import (
+    DEFAULT_IMAGE_WEIGHT,
     META_KEY,
     Session,
     find_session,
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 
 NEW_LABELS = "<new Labels layer>"
 AUTOSAVE_SECONDS = 60
+#: the CT weight spin box's minimum, shown as "auto"
+AUTO_IMAGE_WEIGHT = -0.1
 #: action -> napari key binding. Chosen free of napari 0.9's own bindings on the viewer,
 #: every layer type and the menus (Shift-Up/Down extend the layer selection, Shift-A
 #: selects all points, e.g. of the anchor overlay, Shift-P is the shapes lasso), so a
@@ -202,6 +206,16 @@ class PropSegWidget(QWidget):
             "interp: signed-distance interpolation (default: on real CT as accurate as the shipped starter STCN weights, in a fraction of the time);"
             " stcn: memory-bank network (needs weights; choose it with weights trained on your own data)")
         self.method_combo.setCurrentText("interp")
+        self.image_weight_spin = QDoubleSpinBox()
+        self.image_weight_spin.setRange(AUTO_IMAGE_WEIGHT, 2.0)
+        self.image_weight_spin.setSingleStep(0.1)
+        self.image_weight_spin.setDecimals(2)
+        self.image_weight_spin.setSpecialValueText("auto")  # shown at the minimum
+        self.image_weight_spin.setValue(AUTO_IMAGE_WEIGHT)
+        self.image_weight_spin.setToolTip(
+            "Weight of the CT intensities between anchors: each organ's HU on the two bracketing anchors move the "
+            "interpolated contours toward what the scan shows. auto (default): chosen for this volume by predicting "
+            f"each inner anchor from its neighbours ({DEFAULT_IMAGE_WEIGHT:g} with fewer than three anchors); 0 = shapes only")
         self.k_spin = QSpinBox()
         self.k_spin.setRange(1, 256)
         self.k_spin.setValue(9)
@@ -211,6 +225,7 @@ class PropSegWidget(QWidget):
         form.addRow("Window", self.preset_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Method", self.method_combo)
+        form.addRow("CT weight", self.image_weight_spin)
         form.addRow("k slices", self.k_spin)
         root.addLayout(form)
 
@@ -272,6 +287,7 @@ class PropSegWidget(QWidget):
         for combo in (self.device_combo, self.method_combo):
             combo.currentTextChanged.connect(lambda _: self._settings_changed())
         self.k_spin.valueChanged.connect(lambda _: self._settings_changed())
+        self.image_weight_spin.valueChanged.connect(lambda _: self._settings_changed())
 
     def _connect_viewer(self) -> None:
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
@@ -503,6 +519,9 @@ class PropSegWidget(QWidget):
         for combo, key in ((self.method_combo, "method"), (self.device_combo, "device")):
             if loaded.settings.get(key):
                 combo.setCurrentText(str(loaded.settings[key]))
+        if "image_weight" in loaded.settings:
+            w = loaded.settings["image_weight"]
+            self.image_weight_spin.setValue(float(w) if isinstance(w, (int, float)) else AUTO_IMAGE_WEIGHT)
         _notify("info", f"Resumed the session saved in {folder} ({len(loaded.anchors)} anchors).")
         self._refresh_anchor_list()
 
@@ -541,9 +560,15 @@ class PropSegWidget(QWidget):
             self._error(exc)
         return zs
 
+    def image_weight(self) -> float | None:
+        """The CT weight set in the widget; None = auto (chosen per volume by the engine)."""
+        v = float(self.image_weight_spin.value())
+        return None if v <= AUTO_IMAGE_WEIGHT + 1e-9 else v
+
     def _settings(self) -> dict:
         return {"method": self.method_combo.currentText(), "device": self.device_combo.currentText(),
-                "k": int(self.k_spin.value()), "preset": self.preset_combo.currentText()}
+                "k": int(self.k_spin.value()), "preset": self.preset_combo.currentText(),
+                "image_weight": "auto" if self.image_weight() is None else self.image_weight()}
 
     @_guarded
     def _settings_changed(self) -> None:
@@ -757,14 +782,15 @@ class PropSegWidget(QWidget):
         changed = sorted(self._changed_since) if self._propagated and self._changed_since else None
         volume = np.asarray(self._image_layer.data)
         spacing = self._spacing()
-        key = (id(self._image_layer), method, device, spacing)
+        image_weight = self.image_weight()
+        key = (id(self._image_layer), method, device, spacing, image_weight)
         engine = self._engine if self._engine_key == key else None
         cancel = self._cancel.is_set
         progress = self._progress_cb
         locked = tuple(sorted(self.session.locked))
 
         def job():
-            eng = engine or make_engine(volume, method=method, device=device, spacing=spacing)
+            eng = engine or make_engine(volume, method=method, device=device, spacing=spacing, image_weight=image_weight)
             t0 = time.perf_counter()
             result = run_propagation(volume, labels, anchors, method=method, device=device, changed=changed,
                                      locked_labels=locked, progress=progress, cancel=cancel, engine=eng)

@@ -740,13 +740,20 @@ def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int
     return engine.propagate(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel)
 
 
+#: Default weight of the CT intensity model between anchors in the widget: the engine's
+#: ``AppearanceOptions.weight`` (kept here, free of torch, so the widget loads fast; a test
+#: checks the two agree).
+DEFAULT_IMAGE_WEIGHT = 0.5
+
+
 def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "auto",
                 engine_factory: Callable[..., Any] | None = None,
-                spacing: Sequence[float] | None = None) -> Any:
+                spacing: Sequence[float] | None = None, image_weight: float | None = None) -> Any:
     """Build the propagation engine for one volume (see :func:`run_propagation`).
 
-    ``spacing`` ``(sz, sy, sx)`` in mm is passed to the factory only when given, so
-    factories that do not take it keep working.
+    ``spacing`` ``(sz, sy, sx)`` in mm and ``image_weight`` (the weight of the CT intensity
+    model between anchors, :mod:`napari_propseg.propagation.appearance`; 0 = off) are
+    passed to the factory only when given, so factories that do not take them keep working.
     """
     if engine_factory is None:
         try:
@@ -758,6 +765,8 @@ def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "a
     kwargs: dict[str, Any] = {"method": method, "device": device}
     if spacing is not None:
         kwargs["spacing"] = tuple(float(v) for v in spacing)
+    if image_weight is not None:
+        kwargs["appearance"] = {"weight": float(image_weight)}
     return engine_factory(volume_hu, **kwargs)
 
 

@@ -127,3 +127,45 @@ def test_engine_stcn_guided_path_with_the_shipped_weights():
         res[nw] = eng.propagate(seeds, anchors).labels
         np.testing.assert_array_equal(res[nw][anchors], seeds[anchors])
         assert np.mean([_dice(res[nw][z] == 1, gt[z] == 1) for z in range(1, 8)]) > 0.85
+
+
+def test_widget_default_matches_the_engine_default():
+    from napari_propseg.session import DEFAULT_IMAGE_WEIGHT
+
+    assert DEFAULT_IMAGE_WEIGHT == AppearanceOptions().weight
+
+
+def test_cli_rejects_a_negative_image_weight(tmp_path):
+    from napari_propseg.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        main(["propagate", str(tmp_path / "ct.nii.gz"), "--seeds", str(tmp_path / "s.nii.gz"), "--out",
+              str(tmp_path / "o.nii.gz"), "--appearance", "-1"])
+    assert exc.value.code == 2
+
+
+def test_weight_chosen_per_volume_on_the_anchors():
+    """Leave-one-anchor-out: where the image tracks the organ the image weight wins, where
+    the labels do not follow the image (noise) shapes alone win; repropagate keeps it."""
+    from napari_propseg.propagation.appearance import choose_weight
+
+    vol, gt, _, _ = _bending_organ(depth=11)
+    anchors = [0, 8, 10]  # slice 8: the organ has started to swing, which the image shows
+    seeds = np.zeros_like(gt)
+    seeds[anchors] = gt[anchors]
+    w, scores = choose_weight(vol, seeds, anchors, SPACING, AppearanceOptions())
+    assert w > 0 and scores[w] > scores[0.0]
+    noise = np.random.default_rng(1).normal(0, 300, vol.shape).astype(np.float32)
+    w0, scores0 = choose_weight(noise, seeds, anchors, SPACING, AppearanceOptions())
+    assert w0 <= 0.25 and scores0[w0] >= scores0[1.0]
+    assert choose_weight(vol, seeds, [0, 10], SPACING, AppearanceOptions()) == (0.5, {})  # too few anchors: the default
+    eng = PropagationEngine(vol, method="interp", spacing=SPACING)
+    assert eng.image_weight is None
+    eng.propagate(seeds, anchors)
+    assert eng.image_weight == w and eng.image_weight_scores == scores
+    seeds[5] = gt[5]
+    eng.repropagate(seeds, [0, 5, 8, 10], changed=[5])
+    assert eng.image_weight == w  # kept: only the gaps next to slice 5 change
+    fixed = PropagationEngine(vol, method="interp", spacing=SPACING, appearance={"weight": 0.25})
+    fixed.propagate(seeds, anchors)
+    assert fixed.image_weight == 0.25 and fixed.image_weight_scores == {}

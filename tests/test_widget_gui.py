@@ -195,7 +195,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     assert filled == list(range(layer.data.shape[0])), "every slice gets labels"
     np.testing.assert_array_equal(layer.data[10], anchors_before[0])
     assert s.confidence is not None and len(s.undo_stack) == 1
-    assert engine_kw == [{"spacing": SMALL["spacing"]}], "the engine gets the CT's voxel size"
+    assert engine_kw == [{"spacing": SMALL["spacing"], "image_weight": None}], "the engine gets the CT's voxel size and the CT weight (auto)"
 
     # check next -> the engine's least confident non-anchor slice
     widget.check_btn.click()
@@ -321,6 +321,18 @@ def test_real_engine_interp(viewer_widget, qtbot):
     # check next uses the engine's suggest_next: a non-anchor slice
     widget.check_next()
     assert widget.current_z() not in (6, 18)
+    # CT weight 0: shapes only, i.e. plain SDF interpolation; the weight is saved with the session
+    from napari_propseg.propagation.interp import sdf_interpolate
+
+    assert widget.image_weight() is None and widget.session.settings.get("image_weight", "auto") == "auto"
+    widget.image_weight_spin.setValue(0.0)
+    assert widget.session.settings["image_weight"] == 0.0 and widget.image_weight() == 0.0
+    widget.propagate()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    np.testing.assert_array_equal(layer.data, sdf_interpolate(seeds, [6, 18]))
+    widget.image_weight_spin.setValue(widget.image_weight_spin.minimum())
+    assert widget.image_weight_spin.text() == "auto" and widget.image_weight() is None
     # a screenshot of the widget in use: labels, anchors, confidence plot
     viewer.layers["phantom labels (ground truth)"].visible = False
     viewer.dims.current_step = (12, 0, 0)

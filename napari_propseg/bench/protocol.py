@@ -17,7 +17,12 @@ Methods (``METHODS``): ``stcn`` (our memory-bank network through
 ``napari_propseg.propagation.engine.PropagationEngine``; skipped with a logged note when
 no trained weights exist), ``interp`` (per-label signed-distance interpolation),
 ``copy_nearest`` and ``mci`` (ITK's MorphologicalContourInterpolator, the algorithm of
-3D Slicer's "Fill between slices", here in :func:`mci_interpolate`). ``stcn_adapt`` (not
+3D Slicer's "Fill between slices", here in :func:`mci_interpolate`); ``guided``: the
+engine's ``interp`` method with its default image-guided fusion (SDF shape prior x CT
+intensity model of the two anchors, :mod:`napari_propseg.propagation.appearance`; no
+network). ``stcn`` uses the engine's defaults, so it includes that fusion plus the network;
+``stcn_noimg`` (not in the default set) is ``stcn`` without the intensity model (the
+engine before 2026-11-30: network + linear SDF prior), for ablations. ``stcn_adapt`` (not
 in the default set) is ``stcn`` with online adaptation: the engine first fine-tunes a copy
 of the network for ``adapt_steps`` steps on the reference slices (their seconds are in the
 method's ``seconds`` and, alone, in ``adapt_seconds``).
@@ -46,10 +51,12 @@ from ..progress import check_cancel, report
 log = logging.getLogger(__name__)
 
 DEFAULT_KS = (3, 5, 9, 17)
-ALL_METHODS = ("stcn", "interp", "copy_nearest", "mci")
+ALL_METHODS = ("stcn", "guided", "interp", "copy_nearest", "mci")
 #: Adaptation steps of the ``stcn_adapt`` benchmark method unless told otherwise.
 DEFAULT_ADAPT_STEPS = 30
 CLASSICAL_METHODS = ("interp", "copy_nearest", "mci")
+#: Methods run through ``PropagationEngine`` (built once per run, outside the timing).
+ENGINE_METHODS = ("stcn", "stcn_adapt", "stcn_noimg", "guided")
 
 
 # --------------------------------------------------------------------------- protocol
@@ -388,7 +395,7 @@ def _method_mci(image_hu, seeds, anchors, **_) -> np.ndarray:
 
 
 def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None, device: str = "cpu", spacing=None,
-                     adapt_steps: int = 0):
+                     adapt_steps: int = 0, appearance: dict | None = None):
     """Build a ``PropagationEngine``; raises ``InputError`` (e.g. no weights) or ImportError.
 
     ``spacing`` (sz, sy, sx) in mm is forwarded when given (the engine's body crop needs it
@@ -403,6 +410,8 @@ def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None
         kwargs["spacing"] = tuple(float(v) for v in spacing)
     if adapt_steps:
         kwargs["adapt_steps"] = int(adapt_steps)
+    if appearance is not None:
+        kwargs["appearance"] = dict(appearance)
     return PropagationEngine(image_hu, **kwargs)
 
 
@@ -413,6 +422,8 @@ def _method_stcn(image_hu, seeds, anchors, *, engine=None, **_) -> np.ndarray:
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "stcn": _method_stcn,
     "stcn_adapt": _method_stcn,
+    "stcn_noimg": _method_stcn,
+    "guided": _method_stcn,
     "interp": _method_interp,
     "copy_nearest": _method_copy_nearest,
     "mci": _method_mci,
@@ -504,10 +515,12 @@ def run_k_slice(
             extra: dict[str, Any] = {}
             setup = 0.0
             try:
-                if m in ("stcn", "stcn_adapt"):
+                if m in ENGINE_METHODS:
                     t0 = time.perf_counter()
                     extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device, spacing=spacing,
-                                                       adapt_steps=int(adapt_steps) if m == "stcn_adapt" else 0)
+                                                       method="interp" if m == "guided" else "stcn",
+                                                       adapt_steps=int(adapt_steps) if m == "stcn_adapt" else 0,
+                                                       appearance={"weight": 0.0} if m == "stcn_noimg" else None)
                     setup = time.perf_counter() - t0
                 elif m == "mci":
                     _warm_itk()

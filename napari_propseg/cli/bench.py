@@ -65,12 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               description="Benchmarks of PROTOCOL.md: propagate (section 1), loop (section 2), speed (section 3).")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
 
-    pp = sub.add_parser("propagate", help="k-slice propagation: STCN vs SDF interpolation, copy-nearest, ITK MCI",
+    pp = sub.add_parser("propagate", help="k-slice propagation: STCN and image-guided interpolation vs SDF interpolation, copy-nearest, ITK MCI",
                         description="PROTOCOL.md section 1 on the chosen cases; writes k_slice.json, k_slice.png, k_slice.md.")
     _common(pp, cases_default="real,phantom")
     pp.add_argument("--ks", default="3,5,9,17", help="numbers of reference slices (default 3,5,9,17)")
     pp.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}, stcn_adapt "
-                    "(stcn after online adaptation to the reference slices)")
+                    "(stcn after online adaptation to the reference slices), stcn_noimg (stcn without the CT intensity "
+                    "model: network + linear SDF prior); guided = the engine's interp method with its CT intensity "
+                    "model (no network), interp = plain SDF interpolation (default: all but stcn_adapt and stcn_noimg)")
     pp.add_argument("--adapt-steps", type=non_negative_int, default=DEFAULT_ADAPT_STEPS, metavar="N",
                     help=f"online adaptation steps of the stcn_adapt method (default {DEFAULT_ADAPT_STEPS})")
     pp.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -43,16 +43,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=non_negative_int, default=0, metavar="N",
                    help="online adaptation: first fine-tune a copy of the STCN network for N steps on the anchors "
                    "(0 = off, the default; implies --method stcn; see models/propagation/stcn_default.md for whether it helps)")
-    p.add_argument("--appearance", type=non_negative_float, default=AppearanceOptions.weight, metavar="W",
+    p.add_argument("--appearance", type=image_weight, default="auto", metavar="auto|W",
                    help="weight of the CT intensity model between anchors (shape prior x p(HU | organ) learnt from the two "
-                   f"bracketing anchors; default {AppearanceOptions.weight}; 0 = plain signed-distance interpolation / the "
-                   "network with the SDF prior)")
+                   "bracketing anchors): auto (default) picks it for this volume from "
+                   f"{', '.join(f'{w:g}' for w in AppearanceOptions().candidates)} by predicting each inner anchor from its "
+                   f"neighbours ({AppearanceOptions.weight:g} with fewer than three anchors); a number fixes it; 0 = plain "
+                   "signed-distance interpolation / the network with the linear SDF prior")
     p.add_argument("--network-weight", type=non_negative_float, default=NETWORK_WEIGHT, metavar="W",
                    help=f"with --method stcn: exponent of the network's probabilities in that fusion (default {NETWORK_WEIGHT})")
     p.add_argument("--lock", default=None, metavar="ID,ID,...", help="label ids kept exactly as in SEEDS on every slice")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def image_weight(text: str) -> str | float:
+    """argparse type of --appearance: ``auto`` or a finite number >= 0."""
+    return "auto" if text.strip().lower() == "auto" else non_negative_float(text)
 
 
 def non_negative_float(text: str) -> float:
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adapt_steps and args.method != "stcn":
         raise InputError(f"--adapt-steps fine-tunes the STCN network; it cannot be used with --method {args.method}.")
     engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing,
-                               adapt_steps=args.adapt_steps, appearance={"weight": args.appearance},
+                               adapt_steps=args.adapt_steps,
+                               appearance=None if args.appearance == "auto" else {"weight": args.appearance},
                                network_weight=args.network_weight)
     progress = None if args.quiet else ProgressBar(sys.stderr)
     if args.adapt_steps:
@@ -159,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     worst = engine.suggest_next(result.confidence, anchors) if len(anchors) < depth else None
     print(
         f"wrote {out}: {len(result.computed)} slices filled from {len(anchors)} anchor(s) by {args.method} "
-        f"in {result.seconds:.1f} s" + (f"; least confident slice: {worst}" if worst is not None else "")
+        f"in {result.seconds:.1f} s, CT intensity weight {engine.image_weight:g}"
+        + (" (auto)" if engine.image_weight_scores else "")
+        + (f"; least confident slice: {worst}" if worst is not None else "")
     )
     return 0

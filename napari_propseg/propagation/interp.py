@@ -131,7 +131,8 @@ def sdf_interpolate_with_confidence(
             computed; default all gaps.
         image: (Z, Y, X) CT in HU on the labels' grid, for the image-guided fusion.
         spacing: (sz, sy, sx) mm (default 1 mm) for the fusion's mm parameters.
-        appearance: :class:`~.appearance.AppearanceOptions`; None or weight 0: plain SDF.
+        appearance: :class:`~.appearance.AppearanceOptions`, used with its fixed ``weight``
+            (the engine resolves ``auto`` first); None or weight 0: plain SDF.
 
     Returns:
         ``(out, confidence)``: out (Z, Y, X) of ``labels``' dtype, anchors bit-identical,
@@ -155,7 +156,7 @@ def sdf_interpolate_with_confidence(
     if ranges is not None:
         wanted = {(int(a), int(b)) for a, b in ranges}
         gaps = [g for g in gaps if g in wanted]
-    guided = image is not None and appearance is not None and appearance.enabled
+    guided = image is not None and appearance is not None and appearance.weight > 0  # (auto is the engine's)
     if guided:
         image = np.asarray(image)
         if image.shape != labels.shape:
