@@ -203,8 +203,9 @@ class PropSegWidget(QWidget):
         self.method_combo = QComboBox()
         self.method_combo.addItems(["interp", "stcn"])
         self.method_combo.setToolTip(
-            "interp: signed-distance interpolation (default: on real CT as accurate as the shipped starter STCN weights, in a fraction of the time);"
-            " stcn: memory-bank network (needs weights; choose it with weights trained on your own data)")
+            "interp: signed-distance interpolation between anchors, guided by the CT intensities (CT weight) (default: on"
+            " real CT as accurate as the shipped starter STCN weights, in a fraction of the time);"
+            " stcn: memory-bank network with the same guided prior (needs weights; choose it with weights trained on your own data)")
         self.method_combo.setCurrentText("interp")
         self.image_weight_spin = QDoubleSpinBox()
         self.image_weight_spin.setRange(AUTO_IMAGE_WEIGHT, 2.0)

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT", help="output label file (.nii.gz, .nii or .nrrd)")
     p.add_argument("--slices", default=None, metavar="Z,Z,...",
                    help="anchor slice indices (axial, 0 = most inferior); default: every slice of SEEDS holding a label")
-    p.add_argument("--method", default=None, choices=METHODS, help="stcn (memory-bank network; the default when --weights or --adapt-steps is given) or interp (signed-distance interpolation; the default otherwise: on real CT it is as accurate as the shipped starter STCN weights in a fraction of the time, see models/propagation/stcn_default.md)")
+    p.add_argument("--method", default=None, choices=METHODS, help="stcn (memory-bank network; the default when --weights or --adapt-steps is given) or interp (signed-distance interpolation guided by the CT intensities, see --appearance; the default otherwise: on real CT it is as accurate as the shipped starter STCN weights in a fraction of the time, see models/propagation/stcn_default.md)")
     p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped models/propagation/stcn_default.pt)")
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
     p.add_argument("--adapt-steps", type=non_negative_int, default=0, metavar="N",

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="number of uniformly spaced reference slices (default: min(Z // 5, 64))")
     p.add_argument("--scan", type=int, default=None, metavar="N",
                    help="also look at every N-th slice for each organ's largest slice")
-    p.add_argument("--method", default="interp", help="propagation method: interp (signed-distance interpolation, default: as accurate as the shipped starter STCN weights on real CT, in a fraction of the time) or stcn (memory network)")
+    p.add_argument("--method", default="interp", help="propagation method: interp (signed-distance interpolation guided by the CT intensities, the weight chosen per volume; default: as accurate as the shipped starter STCN weights on real CT, in a fraction of the time) or stcn (memory network)")
     p.add_argument("--seeds", metavar="SEEDS", default=None, help="also write the reference-slice labels here")
     p.add_argument("--series", metavar="UID", default=None, help="SeriesInstanceUID to read from a DICOM folder")
     add_model_args(p)

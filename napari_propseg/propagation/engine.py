@@ -774,7 +774,7 @@ class PropagationEngine:
                 if seg.kind == "between":
                     up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
                     down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
-                    if self._effective_appearance().weight > 0 and self.prior == "sdf":
+                    if self.appearance.enabled and self.prior == "sdf":  # also when auto chose weight 0
                         self._run_guided_gap(seg, zs, up, up_objects, down, down_objects, objects, labels, locked, out, conf)
                         continue
                     sdf = self._anchor_sdf(labels[seg.lo], labels[seg.hi], objects) if self.prior == "sdf" and self.prior_weight > 0 else None
