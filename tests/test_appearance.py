@@ -144,7 +144,7 @@ def test_cli_rejects_a_negative_image_weight(tmp_path):
     assert exc.value.code == 2
 
 
-def test_weight_chosen_per_volume_on_the_anchors():
+def test_weight_chosen_per_volume_on_the_anchors(monkeypatch):
     """Leave-one-anchor-out: where the image tracks the organ the image weight wins, where
     the labels do not follow the image (noise) shapes alone win; repropagate keeps it."""
     from napari_propseg.propagation.appearance import choose_weight
@@ -163,9 +163,25 @@ def test_weight_chosen_per_volume_on_the_anchors():
     assert eng.image_weight is None
     eng.propagate(seeds, anchors)
     assert eng.image_weight == w and eng.image_weight_scores == scores
+    before = eng.propagate(seeds, anchors).labels
     seeds[5] = gt[5]
-    eng.repropagate(seeds, [0, 5, 8, 10], changed=[5])
-    assert eng.image_weight == w  # kept: only the gaps next to slice 5 change
+    calls = []
+    import napari_propseg.propagation.appearance as app
+
+    real = app.GapAppearance
+    monkeypatch.setattr(app, "GapAppearance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    current = before.copy()
+    current[5] = gt[5]
+    res = eng.repropagate(current, [0, 5, 8, 10], changed=[5])
+    # chosen again from all four anchors: the triples (0,5,8) and (5,8,10) are new (the old
+    # (0,8,10) is gone), plus the two gaps (0,5) and (5,8) recomputed = 4 intensity models
+    assert len(calls) == 4
+    assert (eng.image_weight, eng.image_weight_scores) == choose_weight(vol, seeds, [0, 5, 8, 10], SPACING, AppearanceOptions())
+    assert res.computed == [1, 2, 3, 4, 6, 7]  # only the gaps next to slice 5
+    np.testing.assert_array_equal(res.labels[9], before[9])
+    calls.clear()
+    eng.repropagate(res.labels, [0, 5, 8, 10], changed=[5])
+    assert len(calls) == 2  # the same anchors again: both triples come from the cache
     fixed = PropagationEngine(vol, method="interp", spacing=SPACING, appearance={"weight": 0.25})
     fixed.propagate(seeds, anchors)
     assert fixed.image_weight == 0.25 and fixed.image_weight_scores == {}

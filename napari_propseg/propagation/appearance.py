@@ -183,7 +183,8 @@ def guided_slice(d: torch.Tensor, image: np.ndarray, model: GapAppearance | None
 
 
 def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int], spacing: Sequence[float],
-                  options: AppearanceOptions, locked: Sequence[int] = ()) -> tuple[float, dict[float, float]]:
+                  options: AppearanceOptions, locked: Sequence[int] = (),
+                  cache: dict | None = None) -> tuple[float, dict[float, float]]:
     """The image weight for this volume, chosen on its own anchors (leave one anchor out).
 
     Each inner anchor ``m`` (with neighbours ``a < m < b``) is predicted from ``a`` and
@@ -193,6 +194,10 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
     nearest ``options.weight``). Only the left-out slices are computed, so this costs a few
     slices' work. Where intensities do not separate the organs (thin noisy slices, labels
     that do not follow the image) it falls back to shapes alone (weight 0).
+
+    ``cache`` (a dict the caller keeps, e.g. the engine) holds each anchor triple's scores
+    keyed by the three slices' labels, so after a correction only the triples around it
+    are computed again.
 
     Returns:
         ``(weight, {candidate: mean Dice})``; ``(options.weight, {})`` with fewer than
@@ -206,6 +211,20 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
     px = 0.5 * (float(spacing[1]) + float(spacing[2]))
     scores: dict[float, list[float]] = {w: [] for w in options.candidates}
     for a, m, b in zip(anchors[:-2], anchors[1:-1], anchors[2:]):
+        key = None
+        if cache is not None:
+            import hashlib
+
+            digest = hashlib.blake2b(digest_size=16)
+            for z in (a, m, b):
+                digest.update(np.ascontiguousarray(labels[z]).tobytes())
+            key = (a, m, b, digest.digest(), tuple(sorted(locked)), options.candidates, options.tau_mm,
+                   options.tau_growth, options.band_mm)
+            hit = cache.get(key)
+            if hit is not None:
+                for w, v in hit.items():
+                    scores[w].append(v)
+                continue
         ids = [int(i) for i in np.union1d(np.unique(labels[a]), np.unique(labels[b])) if i != 0 and int(i) not in locked]
         truth = [int(i) for i in np.unique(labels[m]) if i != 0 and int(i) not in locked]
         scored = sorted(set(ids) | set(truth))
@@ -218,13 +237,17 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
         loglik = torch.from_numpy(GapAppearance(image[a], image[b], labels[a], labels[b], ids, px, options)
                                   .log_likelihood(image[m], wa))
         lut = np.array([0] + ids)
+        triple = {}
         for w in options.candidates:
             pred = lut[torch.max(prior + w * loglik, dim=0).indices.numpy()]
             dice = []
             for i in scored:
                 p, g = pred == i, labels[m] == i
                 dice.append(2.0 * np.count_nonzero(p & g) / max(np.count_nonzero(p) + np.count_nonzero(g), 1))
-            scores[w].append(float(np.mean(dice)))
+            triple[w] = float(np.mean(dice))
+            scores[w].append(triple[w])
+        if key is not None:
+            cache[key] = triple
     if not any(scores.values()):
         return float(options.weight), {}
     means = {w: float(np.mean(v)) for w, v in scores.items()}

@@ -12,16 +12,18 @@ Semantics:
   Each pass carries the labels of its own anchor (a label missing there has probability
   0 in that pass; an anchor without labels gives pure background); the result holds the
   labels of either anchor.
-* **Image-guided fusion** (default, ``appearance.weight > 0``, see :mod:`.appearance`):
+* **Image-guided fusion** (default, see ``appearance`` and :mod:`.appearance`):
   between two anchors every slice takes, per pixel, ``argmax_c log prior_c + a log p(HU | c)
   (+ n log max(p_net_c, 0.05) for STCN)``: ``prior`` the blended signed distances of the two
   anchors with a softness that grows into the gap, ``p(HU | c)`` a per-gap intensity model
   of each label learnt from the two anchors, ``p_net`` the two passes' fused probabilities
-  (not near objects too small for the 1/16 memory). Computed at full resolution. Weight 0
-  restores the plain blends (``interp``: SDF interpolation; ``stcn``: the linear SDF prior
-  below). On the held-out TotalSegmentator CT (PROTOCOL.md section 1) it lifts k=5 / 9 from
-  0.808 / 0.809 (SDF) and 0.816 / 0.819 (STCN with the linear prior) to about 0.86; the
-  network's term adds nothing there (+0.01 on the phantom); see the README.
+  (not near objects too small for the 1/16 memory). Computed at full resolution. The image
+  weight ``a`` is chosen per volume on its own anchors (leave one anchor out, from 0, 0.25,
+  0.5, 1), again at every (re)propagation as anchors are added. A fixed
+  weight 0 restores the plain blends (``interp``: SDF interpolation; ``stcn``: the linear
+  SDF prior below). On the held-out TotalSegmentator CT (PROTOCOL.md section 1) it lifts
+  k=5 / 9 from 0.808 / 0.809 (SDF) and 0.816 / 0.819 (STCN with the linear prior) to about
+  0.86; the network's term adds about 0.001 there (+0.01 on the phantom); see the README.
 * **Beyond the outermost anchors** the labels of that anchor are propagated outward; a
   label stops once its probability stays under ``stop_threshold`` everywhere on
   ``stop_patience`` consecutive slices, and propagation ends when every label stopped
@@ -311,10 +313,11 @@ class PropagationEngine:
                                  "tau_mm, tau_growth, band_mm.") from exc
         #: image-guided fusion between anchors (:mod:`.appearance`); weight 0 switches it off.
         self.appearance: AppearanceOptions = appearance
-        #: the image weight in use for this volume (set by :meth:`propagate`; None before).
+        #: the image weight in use for this volume (set by each (re)propagation; None before).
         self.image_weight: float | None = None
         #: leave-one-anchor-out mean Dice per candidate weight behind an automatic choice.
         self.image_weight_scores: dict[float, float] = {}
+        self._loo_cache: dict = {}  # anchor triple -> leave-one-out scores (see choose_weight)
         self.network_weight = float(network_weight)
         self.spacing = tuple(float(v) for v in spacing) if spacing is not None else (1.0, 1.0, 1.0)
         if int(adapt_steps) > 0 and method != "stcn":
@@ -499,8 +502,7 @@ class PropagationEngine:
         """
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
         segs = affected_segments(anchors, changed, labels.shape[0])
-        if self.image_weight is None:
-            self._choose_image_weight(labels, anchors, locked)
+        self._choose_image_weight(labels, anchors, locked)
         return self._run(labels, anchors, segs, locked, progress, cancel)
 
     def suggest_next(self, confidence: np.ndarray, anchors: Sequence[int]) -> int:
@@ -812,14 +814,16 @@ class PropagationEngine:
         """Set :attr:`image_weight` for this volume (``appearance.auto``: leave-one-anchor-out
         on these anchors, :func:`~.appearance.choose_weight`; else the fixed weight).
 
-        Chosen by :meth:`propagate`, kept by :meth:`repropagate` (so a correction changes
-        only the gaps next to it)."""
+        Chosen again from all current anchors by every :meth:`propagate` and
+        :meth:`repropagate` (each anchor triple's scores are cached, so only the triples
+        around a correction cost anything); it applies to the slices that call computes,
+        the others keep their earlier results."""
         if not self.appearance.enabled:
             self.image_weight, self.image_weight_scores = 0.0, {}
             return
         if self.appearance.auto:
             self.image_weight, self.image_weight_scores = choose_weight(self.volume_hu, labels, anchors, self.spacing,
-                                                                        self.appearance, locked)
+                                                                        self.appearance, locked, cache=self._loo_cache)
         else:
             self.image_weight, self.image_weight_scores = self.appearance.weight, {}
         log.info("image weight %.2f (%s)", self.image_weight, "auto" if self.image_weight_scores else "fixed")
