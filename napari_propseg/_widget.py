@@ -517,12 +517,13 @@ class PropSegWidget(QWidget):
         self._propagated = loaded.confidence is not None
         self._resumable = None
         self.resume_btn.setVisible(False)
+        saved = dict(loaded.settings)  # applying one setting rewrites the session's settings from the widget
         for combo, key in ((self.method_combo, "method"), (self.device_combo, "device")):
-            if loaded.settings.get(key):
-                combo.setCurrentText(str(loaded.settings[key]))
-        if "image_weight" in loaded.settings:
-            w = loaded.settings["image_weight"]
-            self.image_weight_spin.setValue(float(w) if isinstance(w, (int, float)) else AUTO_IMAGE_WEIGHT)
+            if saved.get(key):
+                combo.setCurrentText(str(saved[key]))
+        if "image_weight" in saved:
+            w = saved["image_weight"]
+            self.image_weight_spin.setValue(float(w) if isinstance(w, (int, float)) and w >= 0 else AUTO_IMAGE_WEIGHT)
         _notify("info", f"Resumed the session saved in {folder} ({len(loaded.anchors)} anchors).")
         self._refresh_anchor_list()
 
@@ -564,7 +565,7 @@ class PropSegWidget(QWidget):
     def image_weight(self) -> float | None:
         """The CT weight set in the widget; None = auto (chosen per volume by the engine)."""
         v = float(self.image_weight_spin.value())
-        return None if v <= AUTO_IMAGE_WEIGHT + 1e-9 else v
+        return None if v < 0 else v  # the minimum ("auto") and anything typed below 0
 
     def _settings(self) -> dict:
         return {"method": self.method_combo.currentText(), "device": self.device_combo.currentText(),

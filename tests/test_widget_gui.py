@@ -250,16 +250,21 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     np.testing.assert_array_equal(back.array, layer.data)
     assert back.spacing == ct.spacing and back.origin == ct.origin
 
-    # autosave happened after each propagation; a fresh binding offers to resume
+    # autosave happened after each propagation; a fresh binding offers to resume, with the
+    # settings of the saved session (method and CT weight) even when the widget's differ
+    widget.image_weight_spin.setValue(0.7)
     widget._autosave(force=True)
     saved = np.array(layer.data)
     anchors = s.anchors.items()
     layer.data[...] = 0
+    widget.method_combo.setCurrentText("stcn")
+    widget.image_weight_spin.setValue(widget.image_weight_spin.minimum())
     widget._attach(widget.image_layer, layer)
     assert widget.resume_btn.isVisibleTo(widget)
     widget.resume_btn.click()
     np.testing.assert_array_equal(layer.data, saved)
     assert widget.session.anchors.items() == anchors
+    assert widget.method_combo.currentText() == "interp" and widget.image_weight() == pytest.approx(0.7)
 
 
 def test_anchor_navigation_and_mark(viewer_widget, qtbot):

@@ -59,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def image_weight(text: str) -> str | float:
     """argparse type of --appearance: ``auto`` or a finite number >= 0."""
-    return "auto" if text.strip().lower() == "auto" else non_negative_float(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {text!r}") from None
 
 
 def non_negative_float(text: str) -> float:

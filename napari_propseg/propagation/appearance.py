@@ -6,10 +6,12 @@ splits or ends between the anchors is missed wherever the blend of the two conto
 goes wrong. This module lets the image correct the blended contour near its boundary:
 
 * **Shape prior.** Per label, ``q_l = sigmoid(-d_l / tau)`` of the linearly blended signed
-  distance ``d_l`` (pixels, negative inside); background ``prod_l (1 - q_l)``; normalised
-  over the K+1 classes. The softness ``tau`` (mm) grows with the distance to the nearer
-  anchor, ``tau = tau_mm + tau_growth * (mm to the nearer anchor)``: next to a drawn
-  slice the contour is trusted, mid-gap much less.
+  distance ``d_l`` (pixels, negative inside); background ``1 - max_l q_l``; normalised over
+  the K+1 classes. Its arg-max is exactly SDF interpolation (the label with the most
+  negative blended distance, background where none is negative), whatever ``tau``. The
+  softness ``tau`` (mm) grows with the distance to the nearer anchor, ``tau = tau_mm +
+  tau_growth * (mm to the nearer anchor)``: next to a drawn slice the contour is trusted,
+  mid-gap much less; it decides how far the image may move the contour.
 * **Intensity model** (:class:`GapAppearance`), learnt per gap from the two anchors: a
   histogram of HU per label (10 HU bins over [-300, 400), smoothed, floored) and one of the
   unlabelled pixels within ``band_mm`` of a label (the background the organs border on).
@@ -18,9 +20,9 @@ goes wrong. This module lets the image correct the blended contour near its boun
 * **Fusion**: ``argmax_c log prior_c + weight * log p(HU | c)``. The prior's log-odds grow
   linearly with the distance from the blended contour (``d / tau``), the likelihood's are
   bounded (``weight * ln(1 / floor)``, about ``weight * 7``), so the image can move a
-  contour by at most about ``7 * weight * tau``: at the default weight 0.5 about 3.5 tau
-  (5 mm next to an anchor, 11 mm 25 slices of 3 mm away). It refines boundaries and
-  follows an organ that drifts; it does not label a look-alike organ farther away (a test
+  contour by at most about ``7 * weight * tau``: at weight 0.5 about 3.5 tau (5 mm next to
+  an anchor; 31 mm in the middle of a 50-slice gap of 3 mm slices, where tau is 9 mm). It
+  refines boundaries and follows an organ that drifts; it does not label a look-alike organ farther away (a test
   checks both sides of that bound). Only labels of the two anchors can appear.
 
 Measured (PROTOCOL.md section 1, 2026-11-30, 2-core CPU; defaults picked on the DICOM case
@@ -36,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
+from ..progress import check_cancel
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the widget can read the defaults cheaply
     import torch
@@ -69,7 +72,10 @@ class AppearanceOptions:
     candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
 
     def __post_init__(self) -> None:
-        cands = tuple(float(c) for c in self.candidates)
+        try:
+            cands = tuple(float(c) for c in self.candidates)
+        except (TypeError, ValueError):
+            cands = ()
         if not cands or not all(np.isfinite(c) and c >= 0 for c in cands):
             raise InputError(f"appearance candidates must be finite numbers >= 0, got {self.candidates}.")
         object.__setattr__(self, "candidates", cands)
@@ -152,9 +158,8 @@ def prior_log_probs(d: torch.Tensor, tau_px: float) -> torch.Tensor:
     in pixels, with softness ``tau_px`` (see the module docstring)."""
     import torch
 
-    logq = torch.nn.functional.logsigmoid(-d / tau_px)          # log q_l
-    log1mq = torch.nn.functional.logsigmoid(d / tau_px)         # log (1 - q_l)
-    bg = log1mq.sum(dim=0, keepdim=True)
+    logq = torch.nn.functional.logsigmoid(-d / tau_px)  # log q_l
+    bg = torch.nn.functional.logsigmoid(d.min(dim=0, keepdim=True).values / tau_px)  # log (1 - max_l q_l)
     lp = torch.cat([bg, logq], dim=0)
     return lp - torch.logsumexp(lp, dim=0, keepdim=True)
 
@@ -184,33 +189,36 @@ def guided_slice(d: torch.Tensor, image: np.ndarray, model: GapAppearance | None
 
 def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int], spacing: Sequence[float],
                   options: AppearanceOptions, locked: Sequence[int] = (),
-                  cache: dict | None = None) -> tuple[float, dict[float, float]]:
+                  cache: dict | None = None, cancel=None) -> tuple[float, dict[float, float]]:
     """The image weight for this volume, chosen on its own anchors (leave one anchor out).
 
     Each inner anchor ``m`` (with neighbours ``a < m < b``) is predicted from ``a`` and
     ``b`` alone with every candidate weight, exactly as a slice of the gap ``(a, b)``
-    would be, and scored against what the clinician drew on ``m`` (mean Dice over the
-    labels of ``a``, ``m`` and ``b``). The candidate with the best mean wins (ties: the one
-    nearest ``options.weight``). Only the left-out slices are computed, so this costs a few
-    slices' work. Where intensities do not separate the organs (thin noisy slices, labels
-    that do not follow the image) it falls back to shapes alone (weight 0).
+    would be, and scored against what the clinician drew on ``m``: per label, Dice over all
+    left-out anchors together, then the mean over labels (the benchmark's way of scoring a
+    volume). The candidate with the best mean wins (ties: the one nearest
+    ``options.weight``). Only the left-out slices are computed, so this costs a few slices'
+    work. Where intensities do not separate the organs (thin noisy slices, labels that do
+    not follow the image) it falls back to shapes alone (weight 0).
 
-    ``cache`` (a dict the caller keeps, e.g. the engine) holds each anchor triple's scores
-    keyed by the three slices' labels, so after a correction only the triples around it
-    are computed again.
+    ``cache`` (a dict the caller keeps, e.g. the engine) holds each anchor triple's pixel
+    counts keyed by the three slices' labels, so after a correction only the triples around
+    it are computed again. ``cancel`` is checked once per triple.
 
     Returns:
         ``(weight, {candidate: mean Dice})``; ``(options.weight, {})`` with fewer than
         three anchors holding labels.
     """
-    import torch
-
-    from .interp import _bracket_sdf
-
     locked = set(int(v) for v in locked)
     px = 0.5 * (float(spacing[1]) + float(spacing[2]))
-    scores: dict[float, list[float]] = {w: [] for w in options.candidates}
+    # per candidate and label: [overlap, predicted, true] pixel counts summed over the
+    # left-out anchors, so the score is each label's Dice over all of them (as the
+    # benchmark scores a volume), averaged over labels; a label nobody drew nor predicted
+    # does not count, one predicted where none was drawn scores 0.
+    counts: dict[float, dict[int, np.ndarray]] = {w: {} for w in options.candidates}
+    used = 0
     for a, m, b in zip(anchors[:-2], anchors[1:-1], anchors[2:]):
+        check_cancel(cancel)
         key = None
         if cache is not None:
             import hashlib
@@ -220,36 +228,49 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
                 digest.update(np.ascontiguousarray(labels[z]).tobytes())
             key = (a, m, b, digest.digest(), tuple(sorted(locked)), options.candidates, options.tau_mm,
                    options.tau_growth, options.band_mm)
-            hit = cache.get(key)
-            if hit is not None:
-                for w, v in hit.items():
-                    scores[w].append(v)
-                continue
-        ids = [int(i) for i in np.union1d(np.unique(labels[a]), np.unique(labels[b])) if i != 0 and int(i) not in locked]
-        truth = [int(i) for i in np.unique(labels[m]) if i != 0 and int(i) not in locked]
-        scored = sorted(set(ids) | set(truth))
-        if not ids or not scored:
-            continue
-        wa = (b - m) / (b - a)
-        d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in
-                                       (_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids)]).astype(np.float32))
-        prior = prior_log_probs(d, tau_pixels(options, m, a, b, spacing))
-        loglik = torch.from_numpy(GapAppearance(image[a], image[b], labels[a], labels[b], ids, px, options)
-                                  .log_likelihood(image[m], wa))
-        lut = np.array([0] + ids)
-        triple = {}
-        for w in options.candidates:
-            pred = lut[torch.max(prior + w * loglik, dim=0).indices.numpy()]
-            dice = []
-            for i in scored:
-                p, g = pred == i, labels[m] == i
-                dice.append(2.0 * np.count_nonzero(p & g) / max(np.count_nonzero(p) + np.count_nonzero(g), 1))
-            triple[w] = float(np.mean(dice))
-            scores[w].append(triple[w])
-        if key is not None:
-            cache[key] = triple
-    if not any(scores.values()):
+        triple = cache.get(key) if key is not None else None
+        if triple is None:
+            triple = _triple_counts(image, labels, a, m, b, spacing, options, locked, px)
+            if key is not None:
+                cache[key] = triple
+        if triple:
+            used += 1
+        for w, per_label in triple.items():
+            for i, c in per_label.items():
+                counts[w][i] = counts[w].get(i, np.zeros(3, np.int64)) + c
+    if not used:
         return float(options.weight), {}
-    means = {w: float(np.mean(v)) for w, v in scores.items()}
+    means = {}
+    for w, per_label in counts.items():
+        dice = [2.0 * c[0] / (c[1] + c[2]) for c in per_label.values() if c[1] + c[2] > 0]
+        means[w] = float(np.mean(dice)) if dice else 1.0
     best = max(means, key=lambda w: (round(means[w], 6), -abs(w - options.weight)))
     return float(best), means
+
+
+def _triple_counts(image, labels, a: int, m: int, b: int, spacing, options: AppearanceOptions, locked: set,
+                   px: float) -> dict[float, dict[int, np.ndarray]]:
+    """Anchor ``m`` predicted from ``a`` and ``b`` with each candidate weight:
+    ``{weight: {label: [overlap, predicted, true]}}`` ({} when ``a``/``b`` hold no label)."""
+    import torch
+
+    from .interp import _bracket_sdf
+
+    ids = [int(i) for i in np.union1d(np.unique(labels[a]), np.unique(labels[b])) if i != 0 and int(i) not in locked]
+    if not ids:
+        return {}
+    truth = [int(i) for i in np.unique(labels[m]) if i != 0 and int(i) not in locked]
+    scored = sorted(set(ids) | set(truth))
+    wa = (b - m) / (b - a)
+    d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in
+                                   (_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids)]).astype(np.float32))
+    prior = prior_log_probs(d, tau_pixels(options, m, a, b, spacing))
+    loglik = torch.from_numpy(GapAppearance(image[a], image[b], labels[a], labels[b], ids, px, options)
+                              .log_likelihood(image[m], wa))
+    lut = np.array([0] + ids)
+    out = {}
+    for w in options.candidates:
+        pred = lut[torch.max(prior + w * loglik, dim=0).indices.numpy()]
+        out[w] = {i: np.array([np.count_nonzero((pred == i) & (labels[m] == i)), np.count_nonzero(pred == i),
+                               np.count_nonzero(labels[m] == i)], np.int64) for i in scored}
+    return out

@@ -392,7 +392,7 @@ class PropagationEngine:
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
         if self.adapt_steps > 0 and self._anchor_digest(labels, anchors, locked) != self._adapt_digest:
             self.adapt(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel)
-        self._choose_image_weight(labels, anchors, locked)
+        self._choose_image_weight(labels, anchors, locked, cancel)
         return self._run(labels, anchors, all_segments(anchors, labels.shape[0]), locked, progress, cancel)
 
     def adapt(
@@ -502,7 +502,7 @@ class PropagationEngine:
         """
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
         segs = affected_segments(anchors, changed, labels.shape[0])
-        self._choose_image_weight(labels, anchors, locked)
+        self._choose_image_weight(labels, anchors, locked, cancel)
         return self._run(labels, anchors, segs, locked, progress, cancel)
 
     def suggest_next(self, confidence: np.ndarray, anchors: Sequence[int]) -> int:
@@ -774,9 +774,15 @@ class PropagationEngine:
                             tick(z)
                     continue
                 if seg.kind == "between":
+                    guided = self.appearance.enabled and self.prior == "sdf"  # also when auto chose weight 0
+                    if guided and self.network_weight == 0:  # the network would not be listened to: run no pass
+                        _tick_through(zs, tick, cancel)
+                        _tick_through(zs, tick, cancel)
+                        self._run_guided_gap(seg, zs, None, [], None, [], objects, labels, locked, out, conf)
+                        continue
                     up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
                     down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
-                    if self.appearance.enabled and self.prior == "sdf":  # also when auto chose weight 0
+                    if guided:
                         self._run_guided_gap(seg, zs, up, up_objects, down, down_objects, objects, labels, locked, out, conf)
                         continue
                     sdf = self._anchor_sdf(labels[seg.lo], labels[seg.hi], objects) if self.prior == "sdf" and self.prior_weight > 0 else None
@@ -810,7 +816,7 @@ class PropagationEngine:
                             conf[z] = 1.0 - 0.5 * abs(z - start) / reach
         return conf
 
-    def _choose_image_weight(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> None:
+    def _choose_image_weight(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray, cancel: CancelFn = None) -> None:
         """Set :attr:`image_weight` for this volume (``appearance.auto``: leave-one-anchor-out
         on these anchors, :func:`~.appearance.choose_weight`; else the fixed weight).
 
@@ -823,7 +829,8 @@ class PropagationEngine:
             return
         if self.appearance.auto:
             self.image_weight, self.image_weight_scores = choose_weight(self.volume_hu, labels, anchors, self.spacing,
-                                                                        self.appearance, locked, cache=self._loo_cache)
+                                                                        self.appearance, locked, cache=self._loo_cache,
+                                                                        cancel=cancel)
         else:
             self.image_weight, self.image_weight_scores = self.appearance.weight, {}
         log.info("image weight %.2f (%s)", self.image_weight, "auto" if self.image_weight_scores else "fixed")
@@ -850,7 +857,14 @@ class PropagationEngine:
         px = 0.5 * (self.spacing[1] + self.spacing[2])
         opt = self._effective_appearance()
         model = GapAppearance(ia, ib, ca, cb, objects, px, opt)
-        sdfs = [tuple(torch.from_numpy(x).to(self.device) for x in _bracket_sdf(ca == i, cb == i)) for i in objects]
+        far = float(np.hypot(*ca.shape))
+        sdfs = []
+        for i in objects:
+            ma, mb = ca == i, cb == i
+            if ma.any() or mb.any():
+                sdfs.append(tuple(torch.from_numpy(x).to(self.device) for x in _bracket_sdf(ma, mb)))
+            else:  # the label lies outside the body crop on both anchors: never inside
+                sdfs.append((torch.full(ca.shape, far, device=self.device),) * 2)
         _, small = self._prior_weights(labels[a], labels[b], objects)
         disagree = anchor_disagreement(labels[a], labels[b], objects)
         size = ca.shape
@@ -866,8 +880,6 @@ class PropagationEngine:
                 if bool(small.any()):
                     near = (d[small] < SMALL_OBJECT_MARGIN_PX).any(dim=0, keepdim=True)
                     extra = torch.where(near, torch.zeros_like(extra), extra)
-            else:
-                up.pop(z), down.pop(z)
             lp = guided_slice(d, self._crop(self.volume_hu[z], -1000.0), model, wa,
                               tau_pixels(opt, z, a, b, self.spacing), opt.weight, extra)
             self._place(z, _channel_argmax(lp), objects, labels, locked, out)
