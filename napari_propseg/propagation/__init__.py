@@ -4,7 +4,9 @@
 * :mod:`.resnet` - ResNet-18/50 trunks up to layer3,
 * :mod:`.memory` - bounded memory bank of one propagation pass,
 * :mod:`.engine` - :class:`PropagationEngine` (propagate, repropagate, suggest_next),
-* :mod:`.interp` - classical methods: SDF interpolation and copy-nearest.
+* :mod:`.interp` - classical methods: SDF interpolation and copy-nearest,
+* :mod:`.appearance` - image-guided fusion between anchors (SDF shape prior x CT intensity
+  model, the image weight chosen per volume by leave-one-anchor-out).
 """
 from .engine import PropagationEngine, PropagationResult, default_weights_path
 from .interp import copy_nearest, sdf_interpolate
