@@ -217,3 +217,34 @@ def test_weight_chosen_per_volume_on_the_anchors(monkeypatch):
     fixed = PropagationEngine(vol, method="interp", spacing=SPACING, appearance={"weight": 0.25})
     fixed.propagate(seeds, anchors)
     assert fixed.image_weight == 0.25 and fixed.image_weight_scores == {}
+
+
+def test_cropping_to_the_reach_of_the_image_changes_nothing(monkeypatch):
+    """Interpolation and the automatic weight work only near the anchors' labels; the
+    labels and scores are exactly those of the whole-slice computation."""
+    import napari_propseg.propagation.appearance as app
+    from napari_propseg.propagation.appearance import choose_weight
+
+    vol, gt, _, _ = _bending_organ(depth=13, size=160, lookalike=True)
+    yy, xx = np.mgrid[:160, :160]
+    for z in range(13):  # a second organ that ends mid-volume, and one only on one anchor
+        vol[z][(yy - 140) ** 2 + (xx - 140) ** 2 <= 64] = 60.0  # a far look-alike, outside the crop
+        if z < 8:
+            gt[z][(yy - 50) ** 2 + (xx - 40 - z) ** 2 <= 36] = 2
+            vol[z][(yy - 50) ** 2 + (xx - 40 - z) ** 2 <= 36] = 150.0
+    gt[0, 22:26, 12:16] = 3
+    anchors = [0, 4, 9, 12]
+    seeds = np.zeros_like(gt)
+    seeds[anchors] = gt[anchors]
+    ys, xs = app.reach_box(seeds[4] > 0, app.LOGLIK_SPAN * 2.0, 3.0)
+    assert ys.stop - ys.start < 150 and xs.stop - xs.start < 150  # a real crop
+    results = {}
+    for crop in (True, False):
+        monkeypatch.setattr(app, "CROP_TO_REACH", crop)
+        w, scores = choose_weight(vol, seeds, anchors, SPACING, AppearanceOptions())
+        labs = [sdf_interpolate_with_confidence(seeds, anchors, image=vol, spacing=SPACING,
+                                                appearance=AppearanceOptions(weight=v, auto=False))[0] for v in (0.5, 2.0)]
+        results[crop] = (w, scores, labs)
+    assert results[True][:2] == results[False][:2]
+    for cropped, whole in zip(results[True][2], results[False][2]):
+        np.testing.assert_array_equal(cropped, whole)

@@ -43,6 +43,13 @@ from ..progress import check_cancel
 if TYPE_CHECKING:  # torch is imported where it is used, so the widget can read the defaults cheaply
     import torch
 
+#: Largest log-likelihood ratio the intensity model can give one class over another:
+#: histograms are floored at 1e-3 of a normalised row before renormalising, so ln(1001).
+LOGLIK_SPAN = float(np.log(1001.0))
+#: Work is restricted to the anchors' labels grown by what the image can reach (exact,
+#: see :func:`reach_box`); tests switch it off to check that.
+CROP_TO_REACH = True
+
 #: HU bin edges of the intensity model (values outside are clipped into the end bins).
 HU_EDGES = np.arange(-300.0, 401.0, 10.0)
 
@@ -164,6 +171,25 @@ def prior_log_probs(d: torch.Tensor, tau_px: float) -> torch.Tensor:
     return lp - torch.logsumexp(lp, dim=0, keepdim=True)
 
 
+def reach_box(mask: np.ndarray, span: float, tau_px: float) -> tuple[slice, slice]:
+    """The part of a slice where a label can win: ``mask`` (the labels of the gap's anchors)
+    grown by ``(span + ln 2) * tau_px + 2`` pixels.
+
+    Outside every label, by ``d`` pixels from the nearest, a label's log-odds against
+    background are at most ``-d / tau + ln 2`` by the prior, and the image (and network)
+    terms add at most ``span``; so farther away background wins, and computing only inside
+    this box gives the very same labels as the whole slice (blended signed distances of
+    the cropped masks equal the full ones there: every mask pixel lies inside the box).
+    The whole slice when ``CROP_TO_REACH`` is off or the mask is empty."""
+    h, w = mask.shape
+    if not CROP_TO_REACH or not mask.any():
+        return slice(0, h), slice(0, w)
+    m = int(np.ceil((span + np.log(2.0)) * tau_px)) + 2
+    ys, xs = np.nonzero(mask)
+    return (slice(max(0, int(ys.min()) - m), min(h, int(ys.max()) + m + 1)),
+            slice(max(0, int(xs.min()) - m), min(w, int(xs.max()) + m + 1)))
+
+
 def tau_pixels(options: AppearanceOptions, z: int, a: int, b: int, spacing: Sequence[float]) -> float:
     """Prior softness on slice ``z`` of the gap ``(a, b)``, in in-plane pixels."""
     sz, sy, sx = (float(s) for s in spacing)
@@ -262,15 +288,19 @@ def _triple_counts(image, labels, a: int, m: int, b: int, spacing, options: Appe
     truth = [int(i) for i in np.unique(labels[m]) if i != 0 and int(i) not in locked]
     scored = sorted(set(ids) | set(truth))
     wa = (b - m) / (b - a)
+    tau = tau_pixels(options, m, a, b, spacing)
+    box = reach_box(np.isin(labels[a], scored) | np.isin(labels[b], scored) | np.isin(labels[m], scored),
+                    LOGLIK_SPAN * max(options.candidates), tau)  # every true pixel of m lies inside
+    la, lb, lm = labels[a][box], labels[b][box], labels[m][box]
     d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in
-                                   (_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids)]).astype(np.float32))
-    prior = prior_log_probs(d, tau_pixels(options, m, a, b, spacing))
+                                   (_bracket_sdf(la == i, lb == i) for i in ids)]).astype(np.float32))
+    prior = prior_log_probs(d, tau)
     loglik = torch.from_numpy(GapAppearance(image[a], image[b], labels[a], labels[b], ids, px, options)
-                              .log_likelihood(image[m], wa))
+                              .log_likelihood(image[m][box], wa))
     lut = np.array([0] + ids)
     out = {}
     for w in options.candidates:
         pred = lut[torch.max(prior + w * loglik, dim=0).indices.numpy()]
-        out[w] = {i: np.array([np.count_nonzero((pred == i) & (labels[m] == i)), np.count_nonzero(pred == i),
-                               np.count_nonzero(labels[m] == i)], np.int64) for i in scored}
+        out[w] = {i: np.array([np.count_nonzero((pred == i) & (lm == i)), np.count_nonzero(pred == i),
+                               np.count_nonzero(lm == i)], np.int64) for i in scored}
     return out

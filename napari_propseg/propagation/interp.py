@@ -167,20 +167,27 @@ def sdf_interpolate_with_confidence(
     for a, b in gaps:
         ids = np.union1d(np.unique(labels[a]), np.unique(labels[b]))
         ids = ids[(ids != 0) & ~np.isin(ids, locked)]
-        sdfs = [_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids]
         disagree = anchor_disagreement(labels[a], labels[b], ids)
         model = None
         if guided and len(ids):
-            from .appearance import GapAppearance, tau_pixels
+            from .appearance import LOGLIK_SPAN, GapAppearance, reach_box, tau_pixels
 
             model = GapAppearance(image[a], image[b], labels[a], labels[b], ids, 0.5 * (spacing[1] + spacing[2]), appearance)
             lut = np.concatenate([[0], ids]).astype(labels.dtype)
+            # only where a label can win (exact; the widest reach is mid-gap)
+            box = reach_box(np.isin(labels[a], ids) | np.isin(labels[b], ids), LOGLIK_SPAN * appearance.weight,
+                            tau_pixels(appearance, a + (b - a) // 2, a, b, spacing))
+            sdfs = [_bracket_sdf(labels[a][box] == i, labels[b][box] == i) for i in ids]
+        else:
+            sdfs = [_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids]
         for z in range(a + 1, b):
             check_cancel(cancel)
             wb = (z - a) / (b - a)
             wa = 1.0 - wb
             if model is not None:
-                out[z] = _guided_slice(sdfs, wa, image[z], model, lut, appearance, tau_pixels(appearance, z, a, b, spacing))
+                sl = np.zeros(labels.shape[1:], dtype=labels.dtype)
+                sl[box] = _guided_slice(sdfs, wa, image[z][box], model, lut, appearance, tau_pixels(appearance, z, a, b, spacing))
+                out[z] = sl
                 confidence[z] = gap_confidence(wa, disagree)
                 step += 1
                 report(progress, step, total, f"interpolating slice {z}")
