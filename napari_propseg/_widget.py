@@ -807,7 +807,9 @@ class PropSegWidget(QWidget):
             self._changed_since.clear()
             self._propagated = True
             self.last_result = result
-            self.status.setText(f"{what}: {len(zs)} slices changed in {seconds:.1f} s.")
+            weight = getattr(eng, "image_weight", None)
+            used = "" if weight is None else f", CT weight {weight:g}" + (" (auto)" if getattr(eng, "image_weight_scores", None) else "")
+            self.status.setText(f"{what}: {len(zs)} slices changed in {seconds:.1f} s{used}.")
             self._refresh_anchor_list()
             self._autosave(force=True)
 

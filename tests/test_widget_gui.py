@@ -308,6 +308,7 @@ def test_real_engine_interp(viewer_widget, qtbot):
     widget.propagate()
     _wait_idle(qtbot, widget, timeout=120000)
     assert widget.last_error is None, widget.last_error
+    assert widget.status.text().endswith("CT weight 0.5."), widget.status.text()  # two anchors: the fallback weight
     assert layer.data[12].any(), "a slice between the anchors is filled"
     np.testing.assert_array_equal(layer.data[6], gt[6])
     np.testing.assert_array_equal(layer.data[18], gt[18])
@@ -335,6 +336,7 @@ def test_real_engine_interp(viewer_widget, qtbot):
     widget.propagate()
     _wait_idle(qtbot, widget, timeout=120000)
     assert widget.last_error is None, widget.last_error
+    assert widget.status.text().endswith("CT weight 0.")
     np.testing.assert_array_equal(layer.data, sdf_interpolate(seeds, [6, 18]))
     widget.image_weight_spin.setValue(widget.image_weight_spin.minimum())
     assert widget.image_weight_spin.text() == "auto" and widget.image_weight() is None
