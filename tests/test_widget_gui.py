@@ -327,6 +327,16 @@ def test_real_engine_interp(viewer_widget, qtbot):
     # check next uses the engine's suggest_next: a non-anchor slice
     widget.check_next()
     assert widget.current_z() not in (6, 18)
+    # a screenshot of the widget in use: labels, anchors, confidence plot
+    viewer.layers["phantom labels (ground truth)"].visible = False
+    viewer.dims.current_step = (12, 0, 0)
+    qtbot.wait(200)
+    full = viewer.screenshot(canvas_only=False, flash=False)
+    assert full[..., :3].std() > 20
+    if os.environ.get("PROPSEG_SAVE_SCREENSHOT") == "1":
+        from skimage.io import imsave
+
+        imsave(REPO / "docs" / "screenshot_workflow.png", full, check_contrast=False)
     # CT weight 0: shapes only, i.e. plain SDF interpolation; the weight is saved with the session
     from napari_propseg.propagation.interp import sdf_interpolate
 
@@ -340,16 +350,6 @@ def test_real_engine_interp(viewer_widget, qtbot):
     np.testing.assert_array_equal(layer.data, sdf_interpolate(seeds, [6, 18]))
     widget.image_weight_spin.setValue(widget.image_weight_spin.minimum())
     assert widget.image_weight_spin.text() == "auto" and widget.image_weight() is None
-    # a screenshot of the widget in use: labels, anchors, confidence plot
-    viewer.layers["phantom labels (ground truth)"].visible = False
-    viewer.dims.current_step = (12, 0, 0)
-    qtbot.wait(200)
-    full = viewer.screenshot(canvas_only=False, flash=False)
-    assert full[..., :3].std() > 20
-    if os.environ.get("PROPSEG_SAVE_SCREENSHOT") == "1":
-        from skimage.io import imsave
-
-        imsave(REPO / "docs" / "screenshot_workflow.png", full, check_contrast=False)
 
 
 def test_suggest_without_weights_notifies(viewer_widget, qtbot, tmp_path, monkeypatch):
