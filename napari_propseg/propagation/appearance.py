@@ -190,6 +190,33 @@ def reach_box(mask: np.ndarray, span: float, tau_px: float) -> tuple[slice, slic
             slice(max(0, int(xs.min()) - m), min(w, int(xs.max()) + m + 1)))
 
 
+def drop_islands(idx: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Class indices ``idx`` (Y, X; 0 = background, i = the i-th label) without stray
+    islands: of a label in several 8-connected pieces, only the pieces that touch its shape
+    prior (``d < 0``, the blended contour of the anchors) are kept, or the largest piece
+    when none does (an organ that moved away from the blend); the rest becomes background.
+    The image may move a contour, not scatter specks of an organ around it."""
+    out = idx.copy()
+    eight = np.ones((3, 3), bool)
+    for i in range(1, d.shape[0] + 1):
+        m = idx == i
+        if not m.any():
+            continue
+        core = d[i - 1] < 0
+        if not (m & ~core).any():
+            continue  # nothing outside the prior: one piece with it or inside it
+        cc, n = ndimage.label(m, structure=eight)
+        if n <= 1:
+            continue  # one piece: an organ that moved is kept whole
+        keep = np.zeros(n + 1, bool)
+        keep[np.unique(cc[m & core])] = True
+        keep[0] = False
+        if not keep.any():  # no piece touches the prior (the organ moved away): keep the largest
+            keep[1 + int(np.argmax(np.bincount(cc[m])[1:]))] = True
+        out[m & ~keep[cc]] = 0
+    return out
+
+
 def tau_pixels(options: AppearanceOptions, z: int, a: int, b: int, spacing: Sequence[float]) -> float:
     """Prior softness on slice ``z`` of the gap ``(a, b)``, in in-plane pixels."""
     sz, sy, sx = (float(s) for s in spacing)
@@ -299,8 +326,9 @@ def _triple_counts(image, labels, a: int, m: int, b: int, spacing, options: Appe
                               .log_likelihood(image[m][box], wa))
     lut = np.array([0] + ids)
     out = {}
+    dn = d.numpy()
     for w in options.candidates:
-        pred = lut[torch.max(prior + w * loglik, dim=0).indices.numpy()]
+        pred = lut[drop_islands(torch.max(prior + w * loglik, dim=0).indices.numpy(), dn)]
         out[w] = {i: np.array([np.count_nonzero((pred == i) & (lm == i)), np.count_nonzero(pred == i),
                                np.count_nonzero(lm == i)], np.int64) for i in scored}
     return out

@@ -102,7 +102,7 @@ from ..progress import CancelFn, ProgressFn, check_cancel, report
 from ..weights import models_dir
 from .adapt import AdaptResult, adapt_stcn
 from .adapt import adapt_options as adapt_options_checked
-from .appearance import AppearanceOptions, GapAppearance, choose_weight, guided_slice, tau_pixels
+from .appearance import AppearanceOptions, GapAppearance, choose_weight, drop_islands, guided_slice, tau_pixels
 from .interp import anchor_disagreement, check_anchors, gap_confidence, sdf_interpolate_with_confidence
 from .memory import MemoryBank
 from .network import STCN, load_stcn, others_union
@@ -882,7 +882,8 @@ class PropagationEngine:
                     extra = torch.where(near, torch.zeros_like(extra), extra)
             lp = guided_slice(d, self._crop(self.volume_hu[z], -1000.0), model, wa,
                               tau_pixels(opt, z, a, b, self.spacing), opt.weight, extra)
-            self._place(z, _channel_argmax(lp), objects, labels, locked, out)
+            idx = torch.from_numpy(drop_islands(_channel_argmax(lp).cpu().numpy(), d.cpu().numpy()))
+            self._place(z, idx, objects, labels, locked, out)
             conf[z] = gap_confidence(wa, disagree)
 
     def _prune_passes(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> None:

@@ -210,14 +210,15 @@ def sdf_interpolate_with_confidence(
 
 
 def _guided_slice(sdfs, wa: float, image: np.ndarray, model, lut: np.ndarray, appearance, tau_px: float) -> np.ndarray:
-    """One slice of the image-guided interpolation: arg-max of shape prior x intensity model."""
+    """One slice of the image-guided interpolation: arg-max of shape prior x intensity model,
+    without islands away from the prior (:func:`~.appearance.drop_islands`)."""
     import torch
 
-    from .appearance import guided_slice
+    from .appearance import drop_islands, guided_slice
 
     d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
     lp = guided_slice(d, image, model, wa, tau_px, appearance.weight)
-    return lut[torch.max(lp, dim=0).indices.numpy()]
+    return lut[drop_islands(torch.max(lp, dim=0).indices.numpy(), d.numpy())]
 
 
 def sdf_interpolate(labels: np.ndarray, anchors: Sequence[int], *, progress: ProgressFn = None, cancel: CancelFn = None) -> np.ndarray:
