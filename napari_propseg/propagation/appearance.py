@@ -192,6 +192,16 @@ def reach_box(mask: np.ndarray, span: float, tau_px: float) -> tuple[slice, slic
             slice(max(0, int(xs.min()) - m), min(w, int(xs.max()) + m + 1)))
 
 
+def guided_indices(d: torch.Tensor, image: np.ndarray, model: GapAppearance | None, wa: float, tau_px: float,
+                   weight: float, extra: torch.Tensor | None = None) -> np.ndarray:
+    """(Y, X) class indices of one slice (0 = background, i = the i-th label of ``d``): the
+    arg-max of :func:`guided_slice` without stray islands (:func:`drop_islands`)."""
+    import torch
+
+    lp = guided_slice(d, image, model, wa, tau_px, weight, extra)
+    return drop_islands(torch.max(lp, dim=0).indices.cpu().numpy(), d.cpu().numpy())
+
+
 def drop_islands(idx: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Class indices ``idx`` (Y, X; 0 = background, i = the i-th label) without stray
     islands: of a label in several 8-connected pieces, only the pieces that touch its shape

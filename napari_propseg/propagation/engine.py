@@ -102,7 +102,7 @@ from ..progress import CancelFn, ProgressFn, check_cancel, report
 from ..weights import models_dir
 from .adapt import AdaptResult, adapt_stcn
 from .adapt import adapt_options as adapt_options_checked
-from .appearance import AppearanceOptions, GapAppearance, choose_weight, drop_islands, guided_slice, tau_pixels
+from .appearance import AppearanceOptions, GapAppearance, choose_weight, guided_indices, tau_pixels
 from .interp import anchor_disagreement, check_anchors, gap_confidence, sdf_interpolate_with_confidence
 from .memory import MemoryBank
 from .network import STCN, load_stcn, others_union
@@ -776,12 +776,12 @@ class PropagationEngine:
                 if seg.kind == "between":
                     guided = self.appearance.enabled and self.prior == "sdf"  # also when auto chose weight 0
                     if guided and self.network_weight == 0:  # the network would not be listened to: run no pass
-                        _tick_through(zs, tick, cancel)
-                        _tick_through(zs, tick, cancel)
-                        self._run_guided_gap(seg, zs, None, [], None, [], objects, labels, locked, out, conf)
-                        continue
-                    up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
-                    down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
+                        _tick_through(zs + zs, tick, cancel)
+                        up = down = None
+                        up_objects = down_objects = []
+                    else:
+                        up, up_objects = self._cached_pass(seg.lo, labels, locked, zs, stop=False, tick=tick, cancel=cancel)
+                        down, down_objects = self._cached_pass(seg.hi, labels, locked, zs[::-1], stop=False, tick=tick, cancel=cancel)
                     if guided:
                         self._run_guided_gap(seg, zs, up, up_objects, down, down_objects, objects, labels, locked, out, conf)
                         continue
@@ -848,8 +848,6 @@ class PropagationEngine:
         The network's term is left out (0) near objects smaller than
         ``prior_small_cells`` memory cells on both anchors: its 1/16 memory cannot hold
         them, so it may not vote them away."""
-        from .interp import _bracket_sdf
-
         r = self.model.resolution
         a, b = seg.lo, seg.hi
         ca, cb = self._crop(labels[a], 0), self._crop(labels[b], 0)
@@ -857,20 +855,13 @@ class PropagationEngine:
         px = 0.5 * (self.spacing[1] + self.spacing[2])
         opt = self._effective_appearance()
         model = GapAppearance(ia, ib, ca, cb, objects, px, opt)
-        far = float(np.hypot(*ca.shape))
-        sdfs = []
-        for i in objects:
-            ma, mb = ca == i, cb == i
-            if ma.any() or mb.any():
-                sdfs.append(tuple(torch.from_numpy(x).to(self.device) for x in _bracket_sdf(ma, mb)))
-            else:  # the label lies outside the body crop on both anchors: never inside
-                sdfs.append((torch.full(ca.shape, far, device=self.device),) * 2)
+        da, db = (torch.from_numpy(x).to(self.device) for x in self._crop_sdf(labels[a], labels[b], objects))
         _, small = self._prior_weights(labels[a], labels[b], objects)
         disagree = anchor_disagreement(labels[a], labels[b], objects)
-        size = ca.shape
+        size = tuple(ca.shape)
         for z in zs:
             wa = (b - z) / (b - a)
-            d = torch.stack([wa * da + (1.0 - wa) * db for da, db in sdfs])  # K, h, w (full-res pixels)
+            d = wa * da + (1.0 - wa) * db  # K, h, w (full-res pixels)
             extra = None
             if self.network_weight > 0:
                 pu = _expand(up.pop(z), up_objects, objects, r, self.device)
@@ -880,10 +871,9 @@ class PropagationEngine:
                 if bool(small.any()):
                     near = (d[small] < SMALL_OBJECT_MARGIN_PX).any(dim=0, keepdim=True)
                     extra = torch.where(near, torch.zeros_like(extra), extra)
-            lp = guided_slice(d, self._crop(self.volume_hu[z], -1000.0), model, wa,
-                              tau_pixels(opt, z, a, b, self.spacing), opt.weight, extra)
-            idx = torch.from_numpy(drop_islands(_channel_argmax(lp).cpu().numpy(), d.cpu().numpy()))
-            self._place(z, idx, objects, labels, locked, out)
+            idx = guided_indices(d, self._crop(self.volume_hu[z], -1000.0), model, wa,
+                                 tau_pixels(opt, z, a, b, self.spacing), opt.weight, extra)
+            self._place(z, torch.from_numpy(idx), objects, labels, locked, out)
             conf[z] = gap_confidence(wa, disagree)
 
     def _prune_passes(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> None:
@@ -915,17 +905,23 @@ class PropagationEngine:
     def _anchor_sdf(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Signed distances of each object on two bracketing anchors at working resolution.
 
-        Computed on the full-resolution (body-cropped) slices, so small organs keep their
-        shape, then resized bilinearly to ``R x R``; distances stay in full-resolution
-        pixels. An object missing on one anchor shrinks to nothing there (as in
-        :func:`~.interp.sdf_interpolate`).
+        :meth:`_crop_sdf` (full resolution, so small organs keep their shape) resized
+        bilinearly to ``R x R``; distances stay in full-resolution pixels.
 
         Returns:
             da, db: (K, R, R) float32 on the engine device.
         """
+        r = self.model.resolution
+        return tuple(resize_slices(torch.from_numpy(x).to(self.device), (r, r), mode="bilinear")
+                     for x in self._crop_sdf(lab_a, lab_b, objects))
+
+    def _crop_sdf(self, lab_a: np.ndarray, lab_b: np.ndarray, objects: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(K, h, w) float32 signed distances of each object on two bracketing anchors, on
+        the full-resolution body crop. An object missing on one anchor shrinks to nothing
+        there (as in :func:`~.interp.sdf_interpolate`); one outside the crop on both is
+        everywhere outside (the crop's diagonal)."""
         from .interp import _bracket_sdf
 
-        r = self.model.resolution
         ca, cb = self._crop(lab_a, 0), self._crop(lab_b, 0)
         far = float(np.hypot(*ca.shape))
         da, db = [], []
@@ -937,8 +933,7 @@ class PropagationEngine:
                 a = b = np.full(ca.shape, far, dtype=np.float32)
             da.append(a)
             db.append(b)
-        to = lambda x: resize_slices(torch.from_numpy(np.stack(x).astype(np.float32)).to(self.device), (r, r), mode="bilinear")  # noqa: E731
-        return to(da), to(db)
+        return np.stack(da).astype(np.float32), np.stack(db).astype(np.float32)
 
     def _finish(self, z, p, objects, labels, locked, out) -> None:
         """Upsample fused (K+1, R, R) probabilities, arg-max into label ids, keep locked voxels."""

@@ -214,11 +214,10 @@ def _guided_slice(sdfs, wa: float, image: np.ndarray, model, lut: np.ndarray, ap
     without islands away from the prior (:func:`~.appearance.drop_islands`)."""
     import torch
 
-    from .appearance import drop_islands, guided_slice
+    from .appearance import guided_indices
 
     d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
-    lp = guided_slice(d, image, model, wa, tau_px, appearance.weight)
-    return lut[drop_islands(torch.max(lp, dim=0).indices.numpy(), d.numpy())]
+    return lut[guided_indices(d, image, model, wa, tau_px, appearance.weight)]
 
 
 def sdf_interpolate(labels: np.ndarray, anchors: Sequence[int], *, progress: ProgressFn = None, cancel: CancelFn = None) -> np.ndarray:
