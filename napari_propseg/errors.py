@@ -9,3 +9,9 @@ class InputError(ValueError):
 
 class CancelledError(RuntimeError):
     """Raised inside long jobs when the caller's cancel callback returned True."""
+
+
+class OutputError(InputError):
+    """An output could not be written (full disk, read-only or missing folder, an output
+    that is also an input). One sentence naming the file and the cause; the CLI exits with
+    code 2 and nothing half-written is left behind."""

@@ -16,7 +16,7 @@ from ..errors import InputError
 
 # Subcommand modules, in the order they appear in --help. A missing module is skipped so
 # that the CLI lists exactly the subcommands that exist.
-SUBCOMMANDS = ["info", "propagate", "suggest", "segment", "evaluate", "train", "pseudo_label", "bench", "sample"]
+SUBCOMMANDS = ["info", "propagate", "suggest", "segment", "export", "evaluate", "models", "train", "pseudo_label", "bench", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:

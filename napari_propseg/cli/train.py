@@ -47,14 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         sp.add_argument("--variant", default=None, metavar="NAME", help="named variant of the config (e.g. cpu)")
         sp.add_argument("--data-root", default=None, metavar="DIR",
                         help="folder the config's relative data paths start from (default: the config's data_root, or $PROPSEG_DATA_ROOT)")
+        sp.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds with a checkpoint (continue later with --resume OUT/checkpoints/last.pt)")
 
     pp = sub.add_parser("propagation", help="train the STCN propagation network",
                         description="Train the STCN propagation network: stage 0 (static clips), then stage 1 (slice clips).")
     common(pp)
     pp.add_argument("--cache", metavar="FILE.npz", default=None, help="train from preprocessed volumes written by --cache-out")
     pp.add_argument("--cache-out", metavar="FILE.npz", default=None, help="preprocess the volumes into FILE.npz and stop (no training)")
-    pp.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                    help="stop after this many seconds with a checkpoint (continue later with --resume OUT/checkpoints/last.pt)")
     pp.set_defaults(func=run_propagation)
 
     pr = sub.add_parser("reference", help="train the reference (slice segmentation) network",
@@ -176,8 +176,11 @@ def run_reference(args: argparse.Namespace) -> int:
         path = Path(args.config).expanduser().resolve()
         raw = read_config_file(path)
         config = {**_absolutize(raw, path.parent), **over}
-    result = train_reference(config, resume=args.resume, progress=ProgressBar() if _rank0() else None)
+    result = train_reference(config, resume=args.resume, progress=ProgressBar() if _rank0() else None,
+                             time_limit=args.time_limit)
     if _rank0():
         weights = result.get("weights") if isinstance(result, dict) else result
-        print(f"weights written to {weights}")
+        print(f"weights written to {', '.join(str(w) for w in weights)}")
+        if isinstance(result, dict) and result.get("stopped_early"):
+            print(f"stopped by the time limit at step {result['step']}; continue with --resume {result['checkpoint']}")
     return 0

@@ -117,6 +117,13 @@ def load_models(models: Sequence[nn.Module | str | os.PathLike] | None) -> list[
     return out
 
 
+def model_windows(model: nn.Module) -> list[tuple[float, float]] | None:
+    """The CT windows a reference network was trained on (its config's ``windows``), or
+    None for the default three (:data:`napari_propseg.preprocess.WINDOWS`)."""
+    win = getattr(model, "config", {}).get("windows")
+    return [(float(a), float(b)) for a, b in win] if win else None
+
+
 def _as_hu(volume_hu) -> np.ndarray:
     arr = getattr(volume_hu, "array", volume_hu)
     arr = np.asarray(arr)
@@ -164,11 +171,17 @@ def iter_slice_probabilities(
         for start in range(0, len(slices), bs):
             check_cancel(cancel)
             zs = slices[start:start + bs]
-            x = torch.from_numpy(window_ct(hu[zs].astype(np.float32))).to(dev)  # n, 3, Y, X
+            raw = torch.from_numpy(hu[zs].astype(np.float32)).to(dev)  # n, Y, X
+            windowed: dict = {}
             zpos = torch.tensor([relative_position(z, z_total) for z in zs], dtype=torch.float32, device=dev)
             per_model = []
             for m in models:
                 s = int(m.config["img_size"])
+                win = model_windows(m)
+                key = tuple(win) if win else None
+                if key not in windowed:
+                    windowed[key] = window_ct(raw, win)  # n, 3, Y, X
+                x = windowed[key]
                 xi = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=max(h, w) > s)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
                     logits = m(xi, zpos)

@@ -99,6 +99,9 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "checkpoint_every": 200,
     "val_every": 0,
+    "windows": None,
+    "label_names": None,
+    "time_limit": 0,
 }
 
 LOG_FIELDS = ["step", "loss", "sup_a", "sup_b", "cps", "lambda", "lr", "seconds", "val_dice_a", "val_dice_b", "val_dice_ens"]
@@ -173,6 +176,35 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
+def expand_entries(entries: list, base: Path, *, with_labels: bool) -> list[dict]:
+    """Expand ``{dataset: DIR, split: NAME | [NAMES], limit: N}`` entries into one entry per case.
+
+    Labelled entries carry the case's ``organs`` (its ``labels_present`` ids: the other
+    organs are unknown in the case and left out of the loss by the target adaptive loss).
+    Other entries pass through unchanged.
+    """
+    from ..datasets import read_dataset
+
+    out: list[dict] = []
+    for e in entries or []:
+        if not isinstance(e, dict) or "dataset" not in e:
+            out.append(e)
+            continue
+        ds = read_dataset(_resolve(base, str(e["dataset"])))
+        cases = ds.cases(split=e.get("split"), labeled=True if with_labels else None)
+        if e.get("limit") is not None:
+            cases = cases[: int(e["limit"])]
+        if not cases:
+            raise InputError(f"Training config: dataset {ds.root} has no {'labelled ' if with_labels else ''}case in split {e.get('split')!r}; "
+                             f"its splits are {', '.join(map(repr, ds.splits))}.")
+        for c in cases:
+            item = {"image": str(c.image), "name": c.name}
+            if with_labels:
+                item.update({"labels": str(c.labels), "label_map": "flare", "organs": c.present_ids(ds.label_map)})
+            out.append(item)
+    return out
+
+
 def _load_case(entry: dict, base: Path, num_classes: int, *, with_labels: bool) -> Case:
     from ..io import read_labels, read_volume
     from ..labelmap import map_totalsegmentator, read_label_map, totalsegmentator_to_flare
@@ -206,7 +238,7 @@ def _load_case(entry: dict, base: Path, num_classes: int, *, with_labels: bool) 
                 labeled[i] = True
         labels = arr.astype(np.uint8)
     fg = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)) if labels is not None else np.arange(0)
-    return Case(Path(entry["image"]).name, hu, labels, labeled, fg)
+    return Case(str(entry.get("name") or Path(entry["image"]).name), hu, labels, labeled, fg)
 
 
 def _phantom_cases(spec: dict, num_classes: int) -> list[Case]:
@@ -246,8 +278,10 @@ class SliceSampler:
     """
 
     def __init__(self, cases: list[Case], size: int, rng: np.random.Generator, *, foreground_fraction: float = 0.7,
-                 augment: bool = True, scale: tuple[float, float] = (0.85, 1.15), aspect: float = 0.0) -> None:
+                 augment: bool = True, scale: tuple[float, float] = (0.85, 1.15), aspect: float = 0.0,
+                 windows=None) -> None:
         self.cases = cases
+        self.windows = windows
         self.size = size
         self.rng = rng
         self.fg = foreground_fraction
@@ -268,7 +302,7 @@ class SliceSampler:
         xs, ys, zs, ls = [], [], [], []
         for _ in range(n):
             case, z = self._pick()
-            x = torch.from_numpy(window_ct(case.hu[z].astype(np.float32)))[None]  # 1, 3, Y, X
+            x = torch.from_numpy(window_ct(case.hu[z].astype(np.float32), self.windows))[None]  # 1, 3, Y, X
             y = torch.from_numpy(case.labels[z].astype(np.int64))[None, None].float() if case.labels is not None else None
             x, y = self._geometry(x, y)
             if self.augment:
@@ -306,7 +340,8 @@ class SliceSampler:
 
 
 @torch.no_grad()
-def evaluate_pair(pair: nn.ModuleDict, cases: list[Case], size: int, device: torch.device, num_classes: int) -> dict[str, float]:
+def evaluate_pair(pair: nn.ModuleDict, cases: list[Case], size: int, device: torch.device, num_classes: int,
+                  windows=None) -> dict[str, float]:
     """Mean Dice over organs (labeled by the case and present in it) of A, B and the ensemble."""
     from ..preprocess import window_ct
 
@@ -320,7 +355,7 @@ def evaluate_pair(pair: nn.ModuleDict, cases: list[Case], size: int, device: tor
         organs |= case.labeled & (np.bincount(case.labels.ravel(), minlength=num_classes)[:num_classes] > 0)
         for z0 in range(0, z_n, 8):
             zs = list(range(z0, min(z_n, z0 + 8)))
-            x = torch.from_numpy(window_ct(case.hu[zs].astype(np.float32))).to(device)
+            x = torch.from_numpy(window_ct(case.hu[zs].astype(np.float32), windows)).to(device)
             h, w = x.shape[-2:]
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=max(h, w) > size)
             zpos = torch.tensor([z / max(z_n - 1, 1) for z in zs], dtype=torch.float32, device=device)
@@ -353,6 +388,7 @@ def train_reference(
     resume: str | os.PathLike | None = None,
     progress: ProgressFn = None,
     cancel: CancelFn = None,
+    time_limit: float | None = None,
 ) -> dict:
     """Train the reference pair with CPS; write checkpoints, a CSV log and two weight files.
 
@@ -362,9 +398,13 @@ def train_reference(
         progress: ``(step, steps, message)`` once per step.
         cancel: returns True to stop; a checkpoint is written first, then
             :class:`~napari_propseg.errors.CancelledError` is raised.
+        time_limit: seconds of training after which the run stops cleanly: checkpoint,
+            validation and weight files of the current step (continue with ``resume``).
+            Default: the config's ``time_limit`` (0 = none).
 
     Returns:
-        ``{"weights": [path A, path B], "checkpoint": path, "log": path, "step": int, "val": dict}``.
+        ``{"weights": [path A, path B], "checkpoint": path, "log": path, "step": int, "val": dict,
+        "stopped_early": bool}``.
     """
     common = _common()
     cfg, base = load_config(config)
@@ -376,13 +416,15 @@ def train_reference(
     size, n_cls = int(cfg["img_size"]), int(cfg["num_classes"])
 
     data = cfg["data"]
-    labeled = [_load_case(e, base, n_cls, with_labels=True) for e in data["labeled"]]
+    windows = [tuple(map(float, w)) for w in cfg["windows"]] if cfg.get("windows") else None
+    labeled = [_load_case(e, base, n_cls, with_labels=True) for e in expand_entries(data["labeled"], base, with_labels=True)]
     phantoms = _phantom_cases(data["phantoms"], n_cls) if data.get("phantoms") else []
-    unlabeled = [_load_case(e, base, n_cls, with_labels=False) for e in data.get("unlabeled") or []]
-    val = [_load_case(e, base, n_cls, with_labels=True) for e in data.get("val") or []]
+    unlabeled = [_load_case(e, base, n_cls, with_labels=False) for e in expand_entries(data.get("unlabeled"), base, with_labels=False)]
+    val = [_load_case(e, base, n_cls, with_labels=True) for e in expand_entries(data.get("val"), base, with_labels=True)]
+    log.info("training data: %d labelled, %d unlabelled, %d validation cases, %d phantoms", len(labeled), len(unlabeled), len(val), len(phantoms))
     ratio = float((data.get("phantoms") or {}).get("ratio", 0.5)) if labeled and phantoms else (1.0 if phantoms else 0.0)
     kw = {"foreground_fraction": float(cfg["foreground_fraction"]), "augment": bool(cfg["augment"]),
-          "scale": tuple(cfg["augment_scale"]), "aspect": float(cfg["augment_aspect"])}
+          "scale": tuple(cfg["augment_scale"]), "aspect": float(cfg["augment_aspect"]), "windows": windows}
     samp_real = SliceSampler(labeled, size, rng, **kw) if labeled else None
     samp_ph = SliceSampler(phantoms, size, rng, **kw) if phantoms else None
     # unlabeled slices: the unlabeled cases, else slices of the labeled ones (labels unused)
@@ -391,6 +433,10 @@ def train_reference(
     model_cfgs = []
     for m in cfg["models"]:
         mc = resolve_config({"img_size": size, **m, "num_classes": n_cls})
+        if windows:
+            mc["windows"] = [list(w) for w in windows]
+        if cfg.get("label_names"):
+            mc["label_names"] = {str(k): str(v) for k, v in cfg["label_names"].items()}
         model_cfgs.append(mc)
     pair = nn.ModuleDict({"a": build_reference_model(model_cfgs[0]), "b": build_reference_model(model_cfgs[1])}).to(device)
     opt = torch.optim.AdamW(pair.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
@@ -420,6 +466,8 @@ def train_reference(
     bl, bu = int(cfg["batch_labeled"]), int(cfg["batch_unlabeled"])
     t_start = time.perf_counter()
     last_val: dict = {}
+    limit = float(time_limit if time_limit is not None else cfg.get("time_limit") or 0)
+    stopped_early = False
 
     def save() -> None:
         if main:
@@ -465,7 +513,7 @@ def train_reference(
             row = {"step": step, "loss": loss.item(), "sup_a": sup_a.item(), "sup_b": sup_b.item(), "cps": cps.item(),
                    "lambda": lam, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_start}
         if val and int(cfg["val_every"]) > 0 and step % int(cfg["val_every"]) == 0 and main:
-            last_val = evaluate_pair(pair, val, size, device, n_cls)
+            last_val = evaluate_pair(pair, val, size, device, n_cls, windows)
             row = {**(row or {"step": step}), **last_val}
         if row is not None:
             logger.log(row)
@@ -473,11 +521,16 @@ def train_reference(
         if step % int(cfg["checkpoint_every"]) == 0 or step == steps:
             save()
         report(progress, step, steps, f"loss {loss.item():.4f}")
+        if limit > 0 and time.perf_counter() - t_start >= limit and step < steps:
+            save()
+            stopped_early = True
+            log.info("time limit of %.0f s reached at step %d of %d; continue with --resume %s", limit, step, steps, ckpt_path)
+            break
 
     weights = []
     if main:
-        if val and not last_val:
-            last_val = evaluate_pair(pair, val, size, device, n_cls)
+        if val and (not last_val or stopped_early):
+            last_val = evaluate_pair(pair, val, size, device, n_cls, windows)
         meta = {
             "trainer": "cps", "steps": step, "loss": cfg["loss"], "cps": cfg["cps"], "img_size": size,
             "data": {"labeled": [e.get("image") for e in data["labeled"]], "unlabeled": [e.get("image") for e in data.get("unlabeled") or []],
@@ -493,4 +546,5 @@ def train_reference(
             weights.append(save_reference_model(out / f"{name}.pt", m, meta=meta))
     common.barrier()
     common.ddp_cleanup()
-    return {"weights": weights, "checkpoint": ckpt_path, "log": out / "train_log.csv", "step": step, "val": last_val}
+    return {"weights": weights, "checkpoint": ckpt_path, "log": out / "train_log.csv", "step": step, "val": last_val,
+            "stopped_early": stopped_early}
