@@ -40,7 +40,7 @@ _log "no display: running the pipeline headless into $OUT"
 # Method: the STCN network when its weights are present, else signed-distance interpolation.
 METHOD=interp
 [ -f "$REPO/models/propagation/stcn_default.pt" ] && METHOD=stcn
-if ls "$REPO"/models/reference/*.pt >/dev/null 2>&1; then
+if ls "$REPO"/models/reference/abdomen/*.pt >/dev/null 2>&1; then
     _log "reference weights found: fully automatic 'propseg segment' (method $METHOD)"
     "$PROPSEG" segment "$OUT/phantom_ct.nii.gz" --method "$METHOD" --out "$OUT/phantom_result.nii.gz" \
         --seeds "$OUT/phantom_anchors.nii.gz"

@@ -142,7 +142,7 @@ def test_shipped_starter_weights_segment_an_unseen_phantom():
     from napari_propseg.phantom import make_phantom
     from napari_propseg.weights import models_dir
 
-    shipped = sorted((models_dir() / "reference").glob("*.pt"))
+    shipped = sorted((models_dir() / "reference" / "abdomen").glob("*.pt"))
     assert len(shipped) == 2, f"expected the two shipped reference weight files, found {shipped}"
     ct, lab = make_phantom((40, 128, 128), (4.0, 2.5, 2.5), 999)
     sug = suggest_slices(ct.array, None, k=8, device="cpu")

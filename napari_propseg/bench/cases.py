@@ -133,3 +133,47 @@ def load_cases(groups: Sequence[str] = CASE_GROUPS, *, data_dir: str | os.PathLi
         else:
             raise InputError(f"Unknown benchmark case group {g!r}; choose from real, phantom, {', '.join(REAL_CASES)}.")
     return cases
+
+
+def dataset_case(dataset, case) -> BenchCase:
+    """A labelled case of a dataset folder (:mod:`napari_propseg.datasets`) as a BenchCase.
+
+    Only the organs the case lists as present keep their ids (PROTOCOL.md section 4):
+    the others are unknown there, so they are neither seeded nor scored.
+    """
+    from ..io import read_labels, read_volume
+
+    ct = read_volume(case.image)
+    lab = np.asarray(read_labels(case.labels, like=ct).array)
+    present = case.present_ids(dataset.label_map)
+    lab = np.where(np.isin(lab, present), lab, 0)
+    ids = sorted(int(v) for v in np.unique(lab) if v != 0)
+    names = {i: dataset.label_map.get(i, f"label_{i}") for i in ids}
+    return BenchCase(case.name, np.asarray(ct.array), lab, tuple(float(s) for s in ct.spacing), names,
+                     f"dataset {dataset.root.name}, split {case.split or '-'}")
+
+
+def iter_dataset_cases(path: str | os.PathLike, *, split: str | None = None, names: Sequence[str] | None = None,
+                       limit: int | None = None):
+    """Yield the labelled cases of a dataset folder one at a time (memory stays one case).
+
+    Args:
+        path: dataset folder (nnU-Net raw or shared layout).
+        split: only this split (e.g. ``validation-pats``); None = every labelled case.
+        names: only these cases.
+        limit: at most this many cases (in the dataset's order).
+
+    Raises:
+        InputError: a bad folder or no labelled case.
+    """
+    from ..datasets import read_dataset
+
+    ds = read_dataset(path)
+    cases = ds.cases(split=split, labeled=True, names=names)
+    if limit is not None:
+        cases = cases[: int(limit)]
+    if not cases:
+        raise InputError(f"Dataset {ds.root} has no labelled case{f' in split {split!r}' if split else ''}; "
+                         f"its splits are {', '.join(repr(s) for s in ds.splits)}.")
+    for c in cases:
+        yield dataset_case(ds, c)

@@ -13,19 +13,20 @@ Given a CT volume and its ground truth GT (Z axial slices):
 and peak memory (see :class:`PeakMemory`); :func:`write_k_slice_report` writes the JSON,
 the PNG plot (mean Dice vs k per method) and the markdown table.
 
-Methods (``METHODS``): ``stcn`` (our memory-bank network through
+Methods (``METHODS``), one name per algorithm as everywhere in the tool: ``stcn`` (the
+memory-bank network with the guided prior, through
 ``napari_propseg.propagation.engine.PropagationEngine``; skipped with a logged note when
-no trained weights exist), ``interp`` (per-label signed-distance interpolation),
+no trained weights exist), ``interp`` (the engine's guided interpolation without a network:
+SDF shape prior x CT intensity model of the two anchors,
+:mod:`napari_propseg.propagation.appearance`; what ``propseg propagate --method interp``
+runs), ``sdf`` (plain per-label signed-distance interpolation, the classical baseline),
 ``copy_nearest`` and ``mci`` (ITK's MorphologicalContourInterpolator, the algorithm of
-3D Slicer's "Fill between slices", here in :func:`mci_interpolate`); ``guided``: the
-engine's ``interp`` method with its default image-guided fusion (SDF shape prior x CT
-intensity model of the two anchors, :mod:`napari_propseg.propagation.appearance`; no
-network). ``stcn`` uses the engine's defaults, so it includes that fusion plus the network;
-``stcn_noimg`` (not in the default set) is ``stcn`` without the intensity model (the
-engine before 2026-11-30: network + linear SDF prior), for ablations. ``stcn_adapt`` (not
-in the default set) is ``stcn`` with online adaptation: the engine first fine-tunes a copy
-of the network for ``adapt_steps`` steps on the reference slices (their seconds are in the
-method's ``seconds`` and, alone, in ``adapt_seconds``).
+3D Slicer's "Fill between slices", here in :func:`mci_interpolate`). ``guided`` is the old
+name of ``interp`` (accepted with a warning). ``stcn_noimg`` (not in the default set) is
+``stcn`` without the intensity model (network + linear SDF prior), for ablations.
+``stcn_adapt`` (not in the default set) is ``stcn`` with online adaptation: the engine
+first fine-tunes a copy of the network for ``adapt_steps`` steps on the reference slices
+(their seconds are in the method's ``seconds`` and, alone, in ``adapt_seconds``).
 
 :func:`run_speed` is section 3 (every label through one volume, then re-propagation after
 one corrected slice; wall seconds and peak resident memory).
@@ -51,12 +52,14 @@ from ..progress import check_cancel, report
 log = logging.getLogger(__name__)
 
 DEFAULT_KS = (3, 5, 9, 17)
-ALL_METHODS = ("stcn", "guided", "interp", "copy_nearest", "mci")
+ALL_METHODS = ("stcn", "interp", "sdf", "copy_nearest", "mci")
+#: Old benchmark method names -> today's (one name per algorithm everywhere).
+METHOD_ALIASES = {"guided": "interp"}
 #: Adaptation steps of the ``stcn_adapt`` benchmark method unless told otherwise.
 DEFAULT_ADAPT_STEPS = 30
-CLASSICAL_METHODS = ("interp", "copy_nearest", "mci")
+CLASSICAL_METHODS = ("sdf", "copy_nearest", "mci")
 #: Methods run through ``PropagationEngine`` (built once per run, outside the timing).
-ENGINE_METHODS = ("stcn", "stcn_adapt", "stcn_noimg", "guided")
+ENGINE_METHODS = ("stcn", "stcn_adapt", "stcn_noimg", "interp")
 
 
 # --------------------------------------------------------------------------- protocol
@@ -378,7 +381,7 @@ def _warm_itk() -> None:
         _ITK_WARM = True
 
 
-def _method_interp(image_hu, seeds, anchors, **_) -> np.ndarray:
+def _method_sdf(image_hu, seeds, anchors, **_) -> np.ndarray:
     from ..propagation.interp import sdf_interpolate
 
     return _as_label_array(sdf_interpolate(seeds, anchors))
@@ -423,19 +426,27 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "stcn": _method_stcn,
     "stcn_adapt": _method_stcn,
     "stcn_noimg": _method_stcn,
-    "guided": _method_stcn,
-    "interp": _method_interp,
+    "interp": _method_stcn,
+    "sdf": _method_sdf,
     "copy_nearest": _method_copy_nearest,
     "mci": _method_mci,
 }
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    methods = list(methods)
+    methods = [_alias(m) for m in methods]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise InputError(f"Unknown benchmark method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}.")
     return methods
+
+
+def _alias(m: str) -> str:
+    if m in METHOD_ALIASES:
+        log.warning("benchmark method %r is now called %r (the engine's guided interpolation); %r still works but will go",
+                    m, METHOD_ALIASES[m], m)
+        return METHOD_ALIASES[m]
+    return m
 
 
 # --------------------------------------------------------------------------- runner
@@ -518,7 +529,7 @@ def run_k_slice(
                 if m in ENGINE_METHODS:
                     t0 = time.perf_counter()
                     extra["engine"] = make_stcn_engine(image_hu, weights=weights, device=device, spacing=spacing,
-                                                       method="interp" if m == "guided" else "stcn",
+                                                       method="interp" if m == "interp" else "stcn",
                                                        adapt_steps=int(adapt_steps) if m == "stcn_adapt" else 0,
                                                        appearance={"weight": 0.0} if m == "stcn_noimg" else None)
                     setup = time.perf_counter() - t0
@@ -590,6 +601,24 @@ def k_slice_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") ->
     lines: list[str] = ["# k-slice propagation benchmark (PROTOCOL.md section 1)", ""]
     if machine:
         lines += [f"Machine: {machine}", ""]
+    summary = mean_over_cases(results)
+    if len(results) > 1 and summary:
+        methods = list(dict.fromkeys(m for per_k in summary.values() for m in per_k))
+        lines += [f"## Mean over cases ({len(results)} cases; each case's mean Dice over its labels, then the mean over cases)", "",
+                  "| k | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for k, per in sorted(summary.items()):
+            lines.append(f"| {k} | " + " | ".join(f"{_fmt(per[m]['mean'])} (n={per[m]['n']})" if m in per else "-" for m in methods) + " |")
+        lines += ["", "| case | " + " | ".join(f"k={k} {m}" for k in sorted(summary) for m in methods) + " |",
+                  "|---|" + "---|" * (len(summary) * len(methods))]
+        for res in results:
+            by_k = {run["k"]: run["methods"] for run in res["runs"]}
+            cells = []
+            for k in sorted(summary):
+                for m in methods:
+                    r = by_k.get(k, {}).get(m, {})
+                    cells.append(_fmt(r.get("mean_dice")) if "mean_dice" in r else "-")
+            lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+        lines.append("")
     for res in results:
         lines += [f"## {res['case']}  (shape {tuple(res['shape'])}, spacing {tuple(round(s, 3) for s in res['spacing'])} mm)", ""]
         lines += ["| k | \\|R\\| | \\|R\\|/Z | method | mean Dice | seconds | peak MB | refs unchanged |",
@@ -622,6 +651,18 @@ def k_slice_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") ->
     return "\n".join(lines)
 
 
+def mean_over_cases(results: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, dict[str, float]]]:
+    """``{k: {method: {"mean": mean over cases of the case's mean Dice, "n": cases}}}``
+    (PROTOCOL.md section 4: per case first, then over cases; skipped runs left out)."""
+    acc: dict[int, dict[str, list[float]]] = {}
+    for res in results:
+        for run in res["runs"]:
+            for m, r in run["methods"].items():
+                if "mean_dice" in r and r["mean_dice"] is not None and not (isinstance(r["mean_dice"], float) and math.isnan(r["mean_dice"])):
+                    acc.setdefault(int(run["k"]), {}).setdefault(m, []).append(float(r["mean_dice"]))
+    return {k: {m: {"mean": float(np.mean(v)), "n": len(v)} for m, v in per.items()} for k, per in acc.items()}
+
+
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Lay out a matplotlib ``Figure`` and write it atomically to ``path`` (parents created)."""
     fig.tight_layout()
@@ -635,7 +676,7 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 
 def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, section: str, machine: str,
                  stem: str, plot: Callable[[Sequence[Mapping[str, Any]], Path], Path],
-                 markdown: Callable[[Sequence[Mapping[str, Any]], str], str]) -> dict[str, Path]:
+                 markdown: Callable[[Sequence[Mapping[str, Any]], str], str], extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write a benchmark's ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``.
 
     Args:
@@ -646,6 +687,7 @@ def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         stem: file name stem.
         plot: ``(results, png_path) -> png_path``.
         markdown: ``(results, machine) -> markdown text``.
+        extra: more top-level JSON entries (e.g. the mean over cases).
 
     Returns:
         ``{"json": path, "png": path, "md": path}``.
@@ -653,7 +695,7 @@ def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": section, "machine": machine,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": list(results)}
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **dict(extra or {}), "cases": list(results)}
     paths = {"json": write_json(payload, out / f"{stem}.json"), "png": plot(results, out / f"{stem}.png")}
     md = out / f"{stem}.md"
     md.write_text(markdown(results, machine) + "\n", encoding="utf-8")
@@ -699,8 +741,9 @@ def write_k_slice_report(results: Sequence[Mapping[str, Any]], out_dir: str | os
     Returns:
         ``{"json": path, "png": path, "md": path}``.
     """
+    summary = {str(k): v for k, v in sorted(mean_over_cases(results).items())}
     return write_report(results, out_dir, section="PROTOCOL.md section 1", machine=machine, stem=stem,
-                        plot=plot_k_slice, markdown=k_slice_markdown)
+                        plot=plot_k_slice, markdown=k_slice_markdown, extra={"mean_over_cases": summary})
 
 
 def machine_description() -> str:

@@ -51,6 +51,12 @@ def _common(p: argparse.ArgumentParser, *, cases_default: str) -> None:
     p.add_argument("--data", metavar="DIR", default=None, help="shared data folder (default ../shared/data or $PROPSEG_SHARED_DATA)")
     p.add_argument("--phantom-shape", default="64,128,128", metavar="Z,Y,X", help="phantom size (default 64,128,128)")
     p.add_argument("--phantom-seeds", default="0", metavar="S,...", help="phantom seeds, one case each (default 0)")
+    p.add_argument("--dataset", metavar="DIR", default=None,
+                   help="a dataset folder (nnU-Net raw layout, or CASE_ct/CASE_labels + labels.json [+ manifest.json]) "
+                   "instead of --cases: each labelled case, only its present organs seeded and scored")
+    p.add_argument("--split", metavar="NAME", default=None,
+                   help="with --dataset: only the cases of this split (e.g. validation-pats); default every labelled case")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="with --dataset: at most N cases")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda for STCN (default cpu)")
     p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped weights)")
 
@@ -71,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pp.add_argument("--ks", default="3,5,9,17", help="numbers of reference slices (default 3,5,9,17)")
     pp.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}, stcn_adapt "
                     "(stcn after online adaptation to the reference slices), stcn_noimg (stcn without the CT intensity "
-                    "model: network + linear SDF prior); guided = the engine's interp method with its CT intensity "
-                    "model (no network), interp = plain SDF interpolation (default: all but stcn_adapt and stcn_noimg)")
+                    "model: network + linear SDF prior); interp = the tool's guided interpolation (no network), "
+                    "sdf = plain signed-distance interpolation (the classical baseline; 'guided' is the old name of "
+                    "interp) (default: all but stcn_adapt and stcn_noimg)")
     pp.add_argument("--adapt-steps", type=non_negative_int, default=DEFAULT_ADAPT_STEPS, metavar="N",
                     help=f"online adaptation steps of the stcn_adapt method (default {DEFAULT_ADAPT_STEPS})")
     pp.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -119,8 +126,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _cases(args):
-    from ..bench.cases import load_cases
+    from ..bench.cases import iter_dataset_cases, load_cases
 
+    if args.dataset:
+        if args.limit is not None and args.limit < 1:
+            raise InputError(f"--limit must be at least 1, got {args.limit}.")
+        return iter_dataset_cases(args.dataset, split=args.split, limit=args.limit)
+    if args.split or args.limit is not None:
+        raise InputError("--split and --limit go with --dataset DIR; pass a dataset folder.")
     return load_cases(_str_list(args.cases), data_dir=args.data,
                       phantom_shape=_shape(args.phantom_shape, "--phantom-shape"),
                       phantom_seeds=_int_list(args.phantom_seeds, "--phantom-seeds"))

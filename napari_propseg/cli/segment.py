@@ -11,7 +11,7 @@ import inspect
 import logging
 
 from ..errors import InputError
-from .suggest import add_model_args, stderr_bar, write_suggestion
+from .suggest import add_model_args, label_map_path, report_left_out, stderr_bar, write_suggestion
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", spacing=None, progress=None, cancel=None):
+def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", spacing=None, progress=None, cancel=None,
+            model=None):
     """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``."""
     from ..reference.inference import suggest_slices
 
-    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel)
+    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel, model=model)
     try:
         from ..propagation.engine import PropagationEngine
     except ImportError as exc:  # pragma: no cover - only before the engine exists
@@ -60,14 +61,27 @@ def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_volume, write_labels
+    from . import check_outputs
+    from .suggest import slices_json_path
+
+    check_outputs((args.out, "label file"), (label_map_path(args.out), "label map"),  # before any work
+                  (args.seeds, "seed label file"), (args.seeds and slices_json_path(args.seeds), "slices JSON"),
+                  (args.seeds and label_map_path(args.seeds), "label map"), inputs=(args.image, *(args.weights or ())))
 
     if args.k is not None and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
+    from ..labelmap import write_label_map
+
+    if args.weights and args.model:
+        raise InputError("Pass either --model or --weights, not both.")
     vol = read_volume(args.image, series_uid=args.series)
     labels, sug = segment(vol.array, weights=args.weights, k=args.k, scan=args.scan, method=args.method, spacing=vol.spacing,
-                          device=args.device, progress=stderr_bar)
+                          device=args.device, progress=stderr_bar, model=args.model)
     if args.seeds:
         write_suggestion(sug, vol, args.seeds, args.weights)
     path = write_labels(labels, vol, args.out)
-    print(f"segmented {vol.array.shape[0]} slices from {len(sug.slices)} reference slices {sug.slices}; wrote {path}")
+    map_path = write_label_map(sug.label_map, label_map_path(args.out)) if sug.label_map else None
+    report_left_out(sug)
+    print(f"segmented {vol.array.shape[0]} slices from {len(sug.slices)} reference slices {sug.slices}; wrote {path}"
+          + (f" and its label map {map_path}" if map_path else ""))
     return 0

@@ -43,9 +43,16 @@ def slices_json_path(seeds: str | Path) -> Path:
     return p.with_name(name + ".slices.json")
 
 
+def label_map_path(out: str | Path) -> Path:
+    """``seg.nii.gz`` -> ``seg.labels.json`` (the label map written beside a label file)."""
+    return slices_json_path(out).with_name(slices_json_path(out).name[: -len(".slices.json")] + ".labels.json")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", default=None,
+                   help="installed reference model (see 'propseg models'; default abdomen)")
     p.add_argument("--weights", metavar="FILE", nargs="+", default=None,
-                   help="reference weight files (default: every *.pt in the models/reference folder)")
+                   help="reference weight files, instead of an installed --model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
 
 
@@ -77,11 +84,16 @@ def slice_positions_mm(vol, slices: list[int]) -> list[float]:
 
 
 def write_suggestion(sug, vol, out: str | Path, weights) -> tuple[Path, Path]:
-    """Write the seed label file and its slices JSON; returns both paths."""
+    """Write the seed label file, its label map and its slices JSON; returns the label
+    file's and the slices JSON's paths."""
+    from ..atomic import atomic_write_text
     from ..io import write_labels
+    from ..labelmap import write_label_map
 
     out = Path(out)
     path = write_labels(sug.labels, vol, out)
+    if sug.label_map:
+        write_label_map(sug.label_map, label_map_path(out))
     info = {
         "image": str(vol.path) if vol.path else None,
         "labels": str(path),
@@ -90,24 +102,39 @@ def write_suggestion(sug, vol, out: str | Path, weights) -> tuple[Path, Path]:
         "z_mm": slice_positions_mm(vol, sug.slices),
         "sampled": [int(z) for z in sug.sampled],
         "per_organ_best": {str(c): int(z) for c, z in sug.per_organ_best.items()},
+        "left_out": {str(z): [sug.label_map.get(c, str(c)) for c in cs] for z, cs in sug.dropped.items()},
         "weights": [str(w) for w in weights] if weights else "default",
         "seconds": round(sug.seconds, 3),
     }
     jpath = slices_json_path(out)
-    tmp = jpath.with_name("." + jpath.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(jpath)
+    atomic_write_text(jpath, json.dumps(info, indent=1), what="slices JSON")
     return path, jpath
+
+
+def report_left_out(sug) -> None:
+    """Print the organs left out of suggested slices (the networks disagreed on them)."""
+    if sug.dropped:
+        parts = [f"slice {z}: {', '.join(sug.label_map.get(c, str(c)) for c in cs)}" for z, cs in sorted(sug.dropped.items())]
+        print(f"left out where the two networks disagree strongly ({len(parts)} slices): {'; '.join(parts[:8])}"
+              + (" ..." if len(parts) > 8 else ""))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_volume
     from ..reference.inference import suggest_slices
+    from . import check_outputs
+
+    check_outputs((args.out, "label file"), (slices_json_path(args.out), "slices JSON"), (label_map_path(args.out), "label map"),
+                  inputs=(args.image, *(args.weights or ())))  # before any work
 
     if args.k is not None and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
     vol = read_volume(args.image, series_uid=args.series)
-    sug = suggest_slices(vol.array, args.weights, k=args.k, scan=args.scan, device=args.device, progress=stderr_bar)
+    if args.weights and args.model:
+        raise InputError("Pass either --model or --weights, not both.")
+    sug = suggest_slices(vol.array, args.weights, k=args.k, scan=args.scan, device=args.device, progress=stderr_bar,
+                         model=args.model)
     path, jpath = write_suggestion(sug, vol, args.out, args.weights)
+    report_left_out(sug)
     print(f"suggested slices {sug.slices} ({len(sug.slices)} of {vol.array.shape[0]}); wrote {path} and {jpath}")
     return 0

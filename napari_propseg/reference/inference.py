@@ -52,6 +52,9 @@ class Suggestion:
             networks and classes present of Dice(network's argmax, ensemble argmax), 1.0
             when nothing is predicted (the pseudo-label score of one slice). Low values are
             the suggested slices most worth checking first.
+        dropped: slice -> organs left out of that slice's suggestion because the two
+            networks disagreed strongly on them (the clinician is told).
+        label_map: ``{id: name}`` of the model's classes.
     """
 
     slices: list[int]
@@ -62,6 +65,8 @@ class Suggestion:
     seconds: float = 0.0
     processed: list[int] = field(default_factory=list)
     agreement: dict[int, float] = field(default_factory=dict)
+    dropped: dict[int, list[int]] = field(default_factory=dict)
+    label_map: dict[int, str] = field(default_factory=dict)
 
 
 def default_k(n_slices: int) -> int:
@@ -84,13 +89,26 @@ def uniform_slices(n_slices: int, k: int) -> list[int]:
     return sorted({int((i + 0.5) * n_slices / k) for i in range(k)})
 
 
-def default_weight_paths(folder: str | os.PathLike | None = None) -> list[Path]:
-    """The reference weight files (``*.pt``) in ``models_dir()/"reference"``.
+def default_weight_paths(folder: str | os.PathLike | None = None, *, model: str | None = None) -> list[Path]:
+    """The reference weight files (``*.pt``) of a model.
+
+    Args:
+        folder: a folder holding the pair's ``*.pt`` files (a model folder, or an old-style
+            flat folder); when None, the installed model ``model``.
+        model: name of an installed model (default ``abdomen``), see
+            :mod:`napari_propseg.reference.models`.
 
     Raises:
-        InputError: when the folder holds no weight file.
+        InputError: when the folder or model holds no weight file.
     """
-    folder = Path(folder) if folder is not None else models_dir() / "reference"
+    from .models import find_model, reference_root
+
+    if folder is None:
+        flat = sorted(reference_root().glob("*.pt")) if model is None and reference_root().is_dir() else []
+        if flat:  # an old flat models/reference/*.pt layout ($PROPSEG_MODELS of an earlier version)
+            return flat
+        return list(find_model(model).weights)
+    folder = Path(folder)
     paths = sorted(folder.glob("*.pt")) if folder.is_dir() else []
     if not paths:
         raise InputError(
@@ -100,10 +118,10 @@ def default_weight_paths(folder: str | os.PathLike | None = None) -> list[Path]:
     return paths
 
 
-def load_models(models: Sequence[nn.Module | str | os.PathLike] | None) -> list[nn.Module]:
-    """Turn a list of modules and/or weight-file paths (or None = defaults) into modules."""
+def load_models(models: Sequence[nn.Module | str | os.PathLike] | None, *, model: str | None = None) -> list[nn.Module]:
+    """Turn a list of modules and/or weight-file paths (or None = the installed ``model``) into modules."""
     if models is None:
-        models = default_weight_paths()
+        models = default_weight_paths(model=model)
     if isinstance(models, (str, os.PathLike, nn.Module)):
         models = [models]
     out = []
@@ -115,6 +133,38 @@ def load_models(models: Sequence[nn.Module | str | os.PathLike] | None) -> list[
     if len(n) != 1:
         raise InputError(f"The reference networks predict different numbers of classes ({sorted(n)}); pass a matching pair.")
     return out
+
+
+def body_mask(hu_slice: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """``(Y, X)`` bool: the patient, i.e. everything but the air below ``threshold`` HU
+    that is connected to the slice border (air inside the body, lungs and airways, stays)."""
+    from scipy import ndimage
+
+    air = np.asarray(hu_slice) < threshold
+    if not air.any():
+        return np.ones(air.shape, dtype=bool)
+    lab, _ = ndimage.label(air)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    border = border[border > 0]
+    return ~np.isin(lab, border)
+
+
+def drop_disagreeing(ens: np.ndarray, masks: Sequence[np.ndarray], n_classes: int, min_dice: float) -> list[int]:
+    """Set to background (in place) each class of ``ens`` on which two networks'
+    argmax masks overlap with Dice below ``min_dice``; returns the dropped classes."""
+    if len(masks) < 2 or min_dice <= 0:
+        return []
+    dropped = []
+    for c in np.unique(ens):
+        c = int(c)
+        if c == 0:
+            continue
+        a, b = masks[0] == c, masks[1] == c
+        denom = int(a.sum()) + int(b.sum())
+        if denom and 2.0 * int((a & b).sum()) / denom < min_dice:
+            ens[ens == c] = 0
+            dropped.append(c)
+    return dropped
 
 
 def model_windows(model: nn.Module) -> list[tuple[float, float]] | None:
@@ -204,13 +254,15 @@ def suggest_slices(
     device: str | torch.device = "auto",
     progress: ProgressFn = None,
     cancel: CancelFn = None,
+    model: str | None = None,
+    body_only: bool = True,
+    min_agreement: float = 0.1,
 ) -> Suggestion:
     """Segment k uniformly sampled slices with the ensemble and suggest reference slices.
 
     Args:
         volume_hu: ``(Z, Y, X)`` CT in HU, canonical LPS (slice 0 most inferior), or a Volume.
-        models: networks and/or weight files; ``None`` loads every ``*.pt`` in
-            ``models_dir()/"reference"``.
+        models: networks and/or weight files; ``None`` loads the installed ``model``.
         k: number of uniformly spaced slices; default ``min(Z // 5, 64)`` (at least 1).
         scan: also run the networks on every ``scan``-th slice when looking for each
             organ's largest slice (``Z / scan`` more passes). ``None`` (default) looks
@@ -219,6 +271,11 @@ def suggest_slices(
         device: ``"auto" | "cpu" | "cuda"``.
         progress: ``(step, total, message)`` callback, once per sampled slice.
         cancel: returns True to stop (raises :class:`~napari_propseg.errors.CancelledError`).
+        model: installed model name (``abdomen`` by default, ``head_neck``, ...) when
+            ``models`` is None.
+        body_only: nothing is suggested outside the patient's body (:func:`body_mask`).
+        min_agreement: an organ whose two networks' masks overlap with Dice below this on
+            a slice is left out of that slice (listed in ``Suggestion.dropped``); 0 keeps all.
 
     Returns:
         :class:`Suggestion` with the union of the uniform slices and, per organ, the sampled
@@ -228,7 +285,7 @@ def suggest_slices(
         InputError: no weights, mismatched networks, a bad volume or k.
     """
     hu = _as_hu(volume_hu)
-    nets = load_models(models)
+    nets = load_models(models, model=model)
     z_total = hu.shape[0]
     if k is None:
         k = default_k(z_total)
@@ -240,12 +297,20 @@ def suggest_slices(
     dtype = np.uint8 if n_classes <= 256 else np.uint16
     pred = np.zeros((len(processed),) + hu.shape[1:], dtype=dtype)
     agreement: dict[int, float] = {}
+    dropped: dict[int, list[int]] = {}
     t0 = time.perf_counter()
     for i, (z, probs) in enumerate(iter_slice_probabilities(hu, nets, processed, device=device, progress=progress, cancel=cancel)):
         total = torch.stack(probs).sum(0)  # C, Y, X: summed softmax of the ensemble
         ens = torch.max(total, dim=0).indices  # = argmax(0), much faster on the CPU
-        pred[i] = ens.numpy().astype(dtype)
-        agreement[int(z)] = slice_agreement([torch.max(p, dim=0).indices for p in probs], ens, n_classes)
+        masks = [torch.max(p, dim=0).indices for p in probs]
+        agreement[int(z)] = slice_agreement(masks, ens, n_classes)
+        lab = ens.numpy().astype(dtype)
+        if body_only:
+            lab[~body_mask(hu[z])] = 0
+        gone = drop_disagreeing(lab, [m.numpy() for m in masks], n_classes, float(min_agreement))
+        if gone:
+            dropped[int(z)] = gone
+        pred[i] = lab
     seconds = time.perf_counter() - t0
     areas = np.stack([np.bincount(p.ravel(), minlength=n_classes)[:n_classes] for p in pred])  # n, C
     per_organ_best: dict[int, int] = {}
@@ -258,7 +323,16 @@ def suggest_slices(
     for z in chosen:
         labels[z] = pred[index[z]]
     log.info("suggested %d slices (%d sampled) in %.2f s", len(chosen), len(sampled), seconds)
-    return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed, agreement)
+    from .models import find_model, model_label_map
+
+    info = None
+    if models is None:
+        try:
+            info = find_model(model)
+        except InputError:
+            info = None
+    return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed, agreement,
+                      {z: d for z, d in dropped.items() if z in set(chosen)}, model_label_map(nets, info))
 
 
 def agreement_counts(masks: Sequence[torch.Tensor], ensemble: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -322,6 +396,7 @@ def segment_volume(
     device: str | torch.device = "auto",
     progress: ProgressFn = None,
     cancel: CancelFn = None,
+    model: str | None = None,
 ) -> list[np.ndarray]:
     """Each network's own argmax on the given slices (all by default).
 
@@ -330,7 +405,7 @@ def segment_volume(
         the pseudo-label scoring, which compares the networks' masks.
     """
     hu = _as_hu(volume_hu)
-    nets = load_models(models)
+    nets = load_models(models, model=model)
     n_classes = int(nets[0].config["num_classes"])
     dtype = np.uint8 if n_classes <= 256 else np.uint16
     out = [np.zeros(hu.shape, dtype=dtype) for _ in nets]

@@ -1,0 +1,135 @@
+"""Reference model tasks: installed model folders, --model, label maps, body mask,
+organs the two networks disagree on."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_propseg.errors import InputError
+from napari_propseg.reference import build_reference_model, save_reference_model
+from napari_propseg.reference.inference import body_mask, drop_disagreeing, suggest_slices
+from napari_propseg.reference.models import find_model, list_models
+
+
+def _tiny_model_folder(root, name="tiny", labels=None):
+    folder = root / "reference" / name
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    for preset in ("transunet-tiny", "deeplabv3plus-tiny"):
+        m = build_reference_model({"preset": preset, "num_classes": 3})
+        m.config["label_names"] = {"0": "background", "1": "Liver", "2": "Bone"}
+        save_reference_model(folder / f"{preset}.pt", m)
+    if labels is not None:
+        (folder / "labels.json").write_text(json.dumps(labels))
+    (folder / "model.json").write_text(json.dumps({"region": "test", "training_data": "nothing"}))
+    (folder / "card.md").write_text("# card\n")
+    return folder
+
+
+def test_shipped_models_are_listed():
+    names = [m.name for m in list_models()]
+    assert "abdomen" in names
+    ab = find_model("abdomen")
+    assert len(ab.weights) == 2 and ab.label_map[1] == "liver" and ab.card is not None
+    assert "abdomen" in ab.summary() and "liver" in ab.summary()
+
+
+def test_unknown_model_names_the_installed_ones(monkeypatch, tmp_path):
+    _tiny_model_folder(tmp_path)
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
+    with pytest.raises(InputError, match=r"No reference model 'nope'.*installed: tiny"):
+        find_model("nope")
+
+
+def test_cli_models_and_suggest_with_model(monkeypatch, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from napari_propseg.cli import main
+
+    _tiny_model_folder(tmp_path / "models", labels={"0": "background", "1": "liver", "2": "bone"})
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "models"))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny: region test; 2 organs (liver, bone)")
+    ct = np.full((10, 32, 32), -1000, np.int16)
+    ct[:, 4:28, 4:28] = 40
+    img = sitk.GetImageFromArray(ct)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    seeds = tmp_path / "seeds.nii.gz"
+    assert main(["suggest", str(tmp_path / "ct.nii.gz"), "--model", "tiny", "--k", "3", "--out", str(seeds), "--device", "cpu"]) == 0
+    names = json.loads((tmp_path / "seeds.labels.json").read_text())
+    assert names == {"0": "background", "1": "liver", "2": "bone"}  # the model folder's labels.json wins
+    seg = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "--model", "tiny", "--k", "3", "--method", "interp",
+                 "--out", str(seg), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "seg.labels.json").read_text())["2"] == "bone"
+    assert main(["suggest", str(tmp_path / "ct.nii.gz"), "--model", "nope", "--out", str(seeds)]) == 2
+    assert "No reference model 'nope'" in capsys.readouterr().err
+
+
+def test_label_names_from_the_network_config_when_the_folder_has_none(monkeypatch, tmp_path):
+    _tiny_model_folder(tmp_path)
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
+    sug = suggest_slices(np.zeros((6, 32, 32)), None, k=2, device="cpu", model="tiny")
+    assert sug.label_map == {0: "background", 1: "Liver", 2: "Bone"}
+
+
+def test_body_mask_keeps_inner_air_and_drops_outside():
+    hu = np.full((40, 40), -1000.0)
+    hu[5:35, 5:35] = 30  # body
+    hu[15:20, 15:20] = -900  # air inside (an airway)
+    m = body_mask(hu)
+    assert not m[0, 0] and not m[2, 20] and m[17, 17] and m[10, 10]
+    assert body_mask(np.zeros((8, 8))).all()
+
+
+def test_nothing_is_suggested_outside_the_body(tmp_path):
+    class Always1(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = {"num_classes": 2, "img_size": 32}
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, z):
+            out = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+            out[:, 1] = 5.0
+            return out + self.p
+
+    ct = np.full((4, 32, 32), -1000.0)
+    ct[:, 8:24, 8:24] = 40
+    sug = suggest_slices(ct, [Always1(), Always1()], k=2, device="cpu")
+    z = sug.slices[0]
+    assert sug.labels[z][8:24, 8:24].all() and not sug.labels[z][:8].any()
+    sug = suggest_slices(ct, [Always1()], k=2, device="cpu", body_only=False)
+    assert sug.labels[sug.slices[0]].all()
+
+
+def test_organs_the_networks_disagree_on_are_left_out():
+    ens = np.zeros((10, 10), np.uint8)
+    ens[:5, :5] = 1
+    ens[6:, 6:] = 2
+    a = ens.copy()
+    b = ens.copy()
+    b[b == 2] = 0
+    b[0:2, 6:10] = 2  # network B puts organ 2 somewhere else entirely
+    out = ens.copy()
+    assert drop_disagreeing(out, [a, b], 3, 0.1) == [2]
+    assert (out == 2).sum() == 0 and (out == 1).sum() == 25
+    out = ens.copy()
+    assert drop_disagreeing(out, [a, a], 3, 0.1) == [] and np.array_equal(out, ens)
+
+
+def test_old_flat_model_folder_still_works(monkeypatch, tmp_path):
+    """$PROPSEG_MODELS of an earlier version held models/reference/*.pt directly."""
+    folder = _tiny_model_folder(tmp_path / "x")
+    flat = tmp_path / "old" / "reference"
+    flat.mkdir(parents=True)
+    for p in folder.glob("*.pt"):
+        shutil.copy(p, flat / p.name)
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "old"))
+    sug = suggest_slices(np.zeros((6, 32, 32)), None, k=2, device="cpu")
+    assert sug.labels.shape == (6, 32, 32)
