@@ -36,8 +36,8 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], LayerData] | Non
         from .io import is_readable_path
 
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        if not paths or not all(is_readable_path(p) for p in paths):
-            return None
+        if not paths or not all(is_readable_path(p) or _is_label_object_file(p) for p in paths):
+            return None  # (a SEG/RTSTRUCT file may have no .dcm ending)
     except Exception:  # noqa: BLE001 - a reader hook must never raise
         log.debug("napari_get_reader declined %r", path, exc_info=True)
         return None
@@ -94,7 +94,14 @@ def read_layers(path: str | list[str]) -> LayerData:
     out: LayerData = []
     for p in paths:
         try:
+            if _is_label_object_file(p):  # a DICOM SEG / RTSTRUCT: a Labels layer on its series' grid
+                from .formats import read_label_object, reference_image
+
+                lab, names = read_label_object(p, reference_image(p))
+                out.append(labels_layer_data(lab, names))
+                continue
             vol = read_volume(p)
+            extra = _label_objects_beside(p, vol)
         except InputError as exc:
             _notify_error(str(exc))
             return [(None,)]
@@ -105,8 +112,87 @@ def read_layers(path: str | list[str]) -> LayerData:
         notice = vol.meta.get("notice")
         if notice:
             _notify_info(str(notice))
-        out.append(layer_data_for(vol))
+        data = layer_data_for(vol)
+        if data[2] == "labels":
+            data = _with_label_names(data, p)
+        out.append(data)
+        out.extend(extra)
     return out
+
+
+def _is_label_object_file(p) -> bool:
+    from .formats import is_label_object
+
+    return os.path.isfile(p) and is_label_object(p)
+
+
+def _label_objects_beside(p, vol: Any) -> LayerData:
+    """Labels layers for the DICOM SEG / RTSTRUCT files in a series folder that reference it."""
+    if not os.path.isdir(p):
+        return []
+    from .errors import InputError
+    from .formats import read_label_object
+    from .formats.dicom import label_object_files
+
+    layers: LayerData = []
+    for f, _kind in label_object_files(p):
+        try:
+            lab, names = read_label_object(f, vol)
+        except InputError as exc:  # e.g. it references another series of the folder
+            log.info("not opened with the series: %s", exc)
+            continue
+        layers.append(labels_layer_data(lab, names))
+    return layers
+
+
+def _with_label_names(data: tuple, path) -> tuple:
+    """A Labels layer tuple with the names of its label map (``<stem>.labels.json``, .seg.nrrd header)."""
+    try:
+        from .formats import label_names_for
+
+        names = label_names_for(path)
+    except Exception:  # noqa: BLE001 - names are optional
+        names = {}
+    if not names:
+        return data
+    arr, kwargs, kind = data
+    kwargs.update(_label_kwargs(names, kwargs.get("metadata", {})))
+    return arr, kwargs, kind
+
+
+def _label_kwargs(names: dict, metadata: dict, colors: dict | None = None) -> dict:
+    """``metadata`` (with ``propseg_label_names``), ``features`` (hover shows the name) and a
+    direct ``colormap`` (labelcolors) for a Labels layer with named labels."""
+    from .labelcolors import label_color
+
+    names = {int(k): str(v) for k, v in names.items() if int(k) > 0}
+    colors = {int(k): tuple(v) for k, v in (colors or {}).items()}
+    meta = dict(metadata)
+    meta["propseg_label_names"] = dict(names)
+    ids = sorted(names)
+    cmap: dict = {None: (0.5, 0.5, 0.5, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    for i in range(1, max([255] + ids) + 1):
+        if i in names or i < 256:
+            rgb = colors.get(i) or label_color(names.get(i), i)
+            cmap[i] = tuple(c / 255.0 for c in rgb) + (1.0,)
+    return {
+        "metadata": meta,
+        "features": {"index": [0] + ids, "name": ["background"] + [names[i] for i in ids]},
+        "colormap": cmap,
+    }
+
+
+def labels_layer_data(lab: Any, names: dict) -> tuple:
+    """(data, kwargs, "labels") for labels read from a SEG/RTSTRUCT, with names and colours."""
+    from .session import layer_kwargs
+
+    base = os.path.basename(os.path.normpath(lab.path)) if lab.path else "labels"
+    if base.lower().endswith(".dcm"):
+        base = base[:-4]
+    kind = (lab.meta.get("label_object") or {}).get("kind", "labels")
+    kwargs = layer_kwargs(lab, f"{base} ({kind})")
+    kwargs.update(_label_kwargs(names, kwargs["metadata"], lab.meta.get("label_colors")))
+    return lab.array, kwargs, "labels"
 
 
 def _notify_error(message: str) -> None:

@@ -52,6 +52,44 @@ KNOWN: dict[str, RGB] = {
     "parotid_gland_left": (255, 102, 153),
     "larynx": (128, 174, 128),
     "mandible": (255, 250, 220),
+    # TotalSegmentator classes as its 3D Slicer colour table gives them
+    "lung_upper_lobe_left": (172, 138, 115),
+    "lung_lower_lobe_left": (224, 186, 162),
+    "lung_upper_lobe_right": (172, 138, 115),
+    "lung_middle_lobe_right": (202, 164, 140),
+    "lung_lower_lobe_right": (224, 186, 162),
+    "trachea": (182, 228, 255),
+    "heart_myocardium": (206, 110, 84),
+    "heart_atrium_left": (203, 108, 81),
+    "heart_ventricle_left": (152, 55, 13),
+    "heart_atrium_right": (210, 115, 89),
+    "heart_ventricle_right": (181, 85, 57),
+    "pulmonary_artery": (0, 122, 171),
+    "brain": (250, 250, 225),
+    "iliac_artery_left": (216, 101, 79),
+    "iliac_artery_right": (216, 101, 79),
+    "iliac_vena_left": (0, 151, 206),
+    "iliac_vena_right": (0, 151, 206),
+    "rib": (253, 232, 158),
+    "humerus_left": (205, 179, 108),
+    "humerus_right": (205, 179, 108),
+    "scapula_left": (205, 179, 108),
+    "scapula_right": (205, 179, 108),
+    "clavicula_left": (205, 179, 108),
+    "clavicula_right": (205, 179, 108),
+    "hip_left": (212, 188, 102),
+    "hip_right": (212, 188, 102),
+    "sacrum": (212, 188, 102),
+    "gluteus_maximus_left": (188, 95, 76),
+    "gluteus_maximus_right": (188, 95, 76),
+    "gluteus_medius_left": (178, 105, 76),
+    "gluteus_medius_right": (178, 105, 76),
+    "gluteus_minimus_left": (178, 95, 86),
+    "gluteus_minimus_right": (178, 95, 86),
+    "autochthon_left": (171, 85, 68),
+    "autochthon_right": (171, 85, 68),
+    "iliopsoas_left": (188, 95, 76),
+    "iliopsoas_right": (188, 95, 76),
 }
 
 #: Fallback colours, indexed by ``id % len(PALETTE)`` (a qualitative palette, no black).
@@ -77,6 +115,8 @@ def label_color(name: str | None, label_id: int = 0) -> RGB:
             return KNOWN["lung"]
         if key.startswith("vertebrae_"):
             return KNOWN["vertebrae"]
+        if key.startswith("rib_"):
+            return KNOWN["rib"]
     return PALETTE[int(label_id) % len(PALETTE)]
 
 

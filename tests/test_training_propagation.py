@@ -472,3 +472,35 @@ def test_crop_none_keeps_whole_slice():
     assert body.spacing[1] < whole.spacing[2]  # the body box is smaller than the 384 mm field of view
     with pytest.raises(InputError, match="crop"):
         D.preprocess_volume(ct.array, lab.array, ct.spacing, 64, crop="tight")
+
+
+def test_train_propagation_on_openkbp_dataset_entries(tmp_path, shared_data, one_torch_thread):
+    """A few CPU steps on 2 OpenKBP training cases (a dataset entry, partial labels) with
+    a third as validation: the dataset reader feeds the propagation trainer."""
+    from napari_propseg.training.data import resolve_data_config
+    from napari_propseg.weights import load_weights
+
+    okbp = shared_data / "openkbp"
+    data = {"cases": [{"dataset": str(okbp), "split": "train-pats", "limit": 2}],
+            "validation": [{"dataset": str(okbp), "split": "validation-pats", "limit": 1}]}
+    from napari_propseg.datasets import read_dataset
+
+    ds = read_dataset(okbp)
+    first = ds.cases(split="train-pats")[:2]
+    resolved = resolve_data_config(data, config_dir=tmp_path)
+    assert [c["name"] for c in resolved["cases"]] == [c.name for c in first]
+    assert [c["organs"] for c in resolved["cases"]] == [c.present_ids(ds.label_map) for c in first]  # partial labels
+    cfg = {
+        "seed": 1, "resolution": 64, "network": "cpu", "network_overrides": {"value_dim": 64, "decoder_dims": [32, 32, 16]},
+        "stage0_steps": 1, "stage1_steps": 2, "batch_size": 2, "log_every": 1, "val_every": 3, "ckpt_every": 3,
+        "keep_checkpoints": 0, "weights_dtype": "float32", "data": data,
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(cfg))
+    weights = train_propagation(path, out_dir=tmp_path / "run", device="cpu")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(math.isfinite(float(r["loss"])) for r in rows)
+    val = list(csv.DictReader(open(tmp_path / "run" / "val_log.csv")))
+    assert val and val[0]["case"] == ds.cases(split="validation-pats")[0].name
+    _, _, meta = load_weights(weights, kind="stcn")
+    assert meta["trained_steps"] == 3

@@ -577,12 +577,11 @@ def _json_default(o: Any) -> Any:
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically (non-finite floats as ``Infinity``/``NaN``, as Python does)."""
+    from ..atomic import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n", what="benchmark JSON")
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -785,13 +784,17 @@ def run_speed(
     threads: int | None = 2,
     case: str = "case",
     spacing: Sequence[float] | None = None,
+    protocol_seeds: bool = False,
 ) -> dict[str, Any]:
     """PROTOCOL.md section 3: propagate every label through a volume, then re-propagate
     after one corrected slice; wall-clock seconds and peak resident memory.
 
     Anchors are k evenly spaced ground-truth slices over the foreground extent; the
     corrected slice is the middle slice between the first two anchors (ground truth put
-    in, ``repropagate(..., changed=[z])``).
+    in, ``repropagate(..., changed=[z])``). With ``protocol_seeds`` (a real case) the
+    anchors are PROTOCOL.md section 1's reference slices (:func:`reference_slices`) and the
+    corrected slice is the one the tool's Check next names (``engine.suggest_next``), as a
+    clinician would go.
 
     Args:
         image_hu: CT in HU, shape (Z, Y, X). gt: labels, same shape.
@@ -807,7 +810,9 @@ def run_speed(
         ``{"case", "shape", "method", "device", "threads", "anchors", "setup_seconds",
         "propagate_seconds", "propagate_peak_rss_mb", "propagate_peak_delta_mb",
         "repropagate_slice", "repropagate_seconds", "repropagate_peak_rss_mb",
-        "memory_method"}``.
+        "memory_method", "full_s", "repropagate_s", "slices_recomputed", "peak_rss_mb",
+        "mean_dice_full", "mean_dice_after"}`` (``full_s`` = ``propagate_seconds``,
+        ``repropagate_s`` = ``repropagate_seconds``, ``peak_rss_mb`` the larger peak).
 
     Raises:
         InputError: no weights / engine unavailable, fewer than 2 anchors.
@@ -819,7 +824,7 @@ def run_speed(
     gt = _check_gt(gt)
     if threads is not None and str(device) == "cpu":
         torch.set_num_threads(int(threads))
-    anchors = start_slices(gt, k)
+    anchors = reference_slices(gt, k) if protocol_seeds else start_slices(gt, k)
     if len(anchors) < 2:
         raise InputError(f"The speed benchmark needs at least two anchor slices, got {anchors}; pass k >= 2.")
     seeds = make_seeds(gt, anchors)
@@ -835,19 +840,31 @@ def run_speed(
         t_prop = time.perf_counter() - t0
     pred = _as_label_array(res)
     zc = (anchors[0] + anchors[1]) // 2
+    if protocol_seeds:
+        try:
+            zc = int(engine.suggest_next(res.confidence, list(anchors)))
+        except InputError:  # every slice is an anchor
+            pass
     labels = pred.copy()
     labels[zc] = gt[zc]
     new_anchors = sorted(set(anchors) | {zc})
     with PeakMemory(trace=False) as mem2:
         t0 = time.perf_counter()
-        engine.repropagate(labels, new_anchors, changed=[zc])
+        res2 = engine.repropagate(labels, new_anchors, changed=[zc])
         t_re = time.perf_counter() - t0
+    from .loop import volume_mean_dice
+
+    present = [int(v) for v in np.unique(gt) if v != 0]
     out = {
         "case": case, "shape": list(gt.shape), "method": method, "device": str(device),
         "threads": torch.get_num_threads(), "anchors": anchors, "setup_seconds": setup,
         "propagate_seconds": t_prop, "propagate_peak_rss_mb": mem.peak_rss_mb, "propagate_peak_delta_mb": mem.peak_mb,
         "repropagate_slice": int(zc), "repropagate_seconds": t_re, "repropagate_peak_rss_mb": mem2.peak_rss_mb,
         "memory_method": mem.method,
+        "full_s": t_prop, "repropagate_s": t_re, "slices_recomputed": [int(z) for z in getattr(res2, "computed", [])],
+        "peak_rss_mb": max(v for v in (mem.peak_rss_mb, mem2.peak_rss_mb) if v is not None) if (mem.peak_rss_mb or mem2.peak_rss_mb) else None,
+        "mean_dice_full": volume_mean_dice(pred, gt, present),
+        "mean_dice_after": volume_mean_dice(_as_label_array(res2), gt, present),
     }
     log.info("speed %s %s on %s: propagate %.1f s, re-propagate %.1f s, peak RSS %.0f MB", case, method, device,
              t_prop, t_re, mem.peak_rss_mb)

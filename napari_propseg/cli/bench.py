@@ -102,9 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pl.set_defaults(func=run_loop_cmd)
 
-    ps = sub.add_parser("speed", help="seconds and peak memory: all labels through a 512x512x129 phantom",
-                        description="PROTOCOL.md section 3: propagation of every label through a phantom, then "
+    ps = sub.add_parser("speed", help="seconds and peak memory: all labels through a 512x512x129 phantom or a real case",
+                        description="PROTOCOL.md section 3: propagation of every label through a phantom (or --image/--labels: "
+                        "a real case from the section 1 seeds, then the slice Check next names corrected), then "
                         "re-propagation after one corrected slice; wall seconds and peak RSS.")
+    ps.add_argument("--image", default=None, metavar="CT", help="a real CT (file or DICOM folder) instead of the phantom")
+    ps.add_argument("--labels", default=None, metavar="LABELS", help="its ground-truth label file (with --image)")
+    ps.add_argument("--json", default=None, metavar="OUT", help="write the result JSON to this file")
     ps.add_argument("--shape", default="129,512,512", metavar="Z,Y,X", help="phantom size (default 129,512,512)")
     ps.add_argument("--spacing", default="2.5,0.8,0.8", metavar="SZ,SY,SX", help="phantom spacing in mm (default 2.5,0.8,0.8)")
     ps.add_argument("--method", default="stcn", help="stcn or interp (default stcn)")
@@ -213,14 +217,31 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
         raise InputError(f"--spacing {args.spacing!r} is not three numbers in mm, e.g. 2.5,0.8,0.8.") from None
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(f"--spacing {args.spacing!r} must be three positive numbers in mm.")
+    if bool(args.image) != bool(args.labels):
+        raise InputError("bench speed needs both --image CT and --labels LABELS for a real case (or neither for the phantom).")
+    if args.json:
+        from ..atomic import check_output_path
+
+        check_output_path(args.json, inputs=(args.image, args.labels), what="speed JSON")
     device = _device(args.device)
-    case = make_phantom_case(shape, spacing, args.seed)
-    res = run_speed(case.image_hu, case.labels, method=args.method, k=args.k, weights=args.weights, device=device,
-                    threads=args.threads, case=case.name, spacing=case.spacing)
+    if args.image:
+        from ..io import read_labels, read_volume
+
+        vol = read_volume(args.image)
+        gt = read_labels(args.labels, like=vol)
+        res = run_speed(vol.array, gt.array, method=args.method, k=args.k, weights=args.weights, device=device,
+                        threads=args.threads, case=Path(str(args.image)).name, spacing=vol.spacing, protocol_seeds=True)
+    else:
+        case = make_phantom_case(shape, spacing, args.seed)
+        res = run_speed(case.image_hu, case.labels, method=args.method, k=args.k, weights=args.weights, device=device,
+                        threads=args.threads, case=case.name, spacing=case.spacing)
     res["machine"] = machine_description()
     print(json.dumps(res, indent=1))
     if args.out:
         path = write_json(res, _out_dir(args.out) / "speed.json")
+        print(f"wrote {path}")
+    if args.json:
+        path = write_json(res, args.json)
         print(f"wrote {path}")
     return 0
 

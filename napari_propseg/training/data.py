@@ -234,6 +234,8 @@ def resolve_data_config(config: Mapping[str, Any], *, config_dir: str | os.PathL
         items = cfg.get(section) or []
         if not isinstance(items, list):
             raise InputError(f"The data config's '{section}' must be a list of {{image, labels, label_names}} entries.")
+        items = _expand_datasets(items, root_path)
+        cfg[section] = items
         for i, case in enumerate(items):
             if not isinstance(case, dict) or "image" not in case or "labels" not in case:
                 raise InputError(f"Entry {i} of '{section}' in the data config needs 'image' and 'labels' keys.")
@@ -249,6 +251,32 @@ def resolve_data_config(config: Mapping[str, Any], *, config_dir: str | os.PathL
                     names = str(_resolve_path(p, root_path)) + (f"#{key}" if key else "")
             case["label_names"] = names
     return cfg
+
+
+def _expand_datasets(items: list, root: Path) -> list:
+    """Replace ``{dataset: DIR, split: NAME, limit: N}`` entries by one entry per labelled case.
+
+    The objects of a clip are the organs a case holds; an organ the case's manifest does not
+    list as present is simply not an object there (its voxels are 0 in the label file), so
+    partial labels never enter the loss as wrong background of a known object.
+    """
+    from ..datasets import read_dataset
+
+    out = []
+    for e in items:
+        if not (isinstance(e, dict) and "dataset" in e):
+            out.append(e)
+            continue
+        ds = read_dataset(_resolve_path(str(e["dataset"]), root))
+        cases = ds.cases(split=e.get("split"), labeled=True)
+        if e.get("limit") is not None:
+            cases = cases[: int(e["limit"])]
+        if not cases:
+            raise InputError(f"The data config's dataset {ds.root} has no labelled case in split {e.get('split')!r}; "
+                             f"its splits are {', '.join(map(repr, ds.splits))}.")
+        out += [{"image": str(c.image), "labels": str(c.labels), "label_names": "flare", "name": c.name,
+                 "organs": c.present_ids(ds.label_map)} for c in cases]
+    return out
 
 
 def _label_table(label_names: str, labels_path: str) -> dict[int, str] | None:
@@ -277,6 +305,8 @@ def load_case(case: Mapping[str, Any], resolution: int, *, crop: str = "body") -
     lab = read_labels(case["labels"], like=vol)
     table = _label_table(str(case.get("label_names", "flare")), case["labels"])
     ids = lab.array if table is None else map_totalsegmentator(lab.array, table)
+    if case.get("organs") is not None:  # partial labels: only the organs the case holds
+        ids = np.where(np.isin(ids, [int(o) for o in case["organs"]]), ids, 0)
     if int(np.max(ids)) > 255:
         raise InputError(f"Labels {case['labels']} hold ids above 255; map them to FLARE ids with label_names.")
     name = case.get("name") or Path(case["image"]).name.split(".")[0]
