@@ -43,8 +43,10 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
         meta: the layer's attributes (napari passes ``metadata``, ``scale``, ...).
 
     Returns:
-        ``[path]`` on success; ``[]`` after a napari error notification otherwise
-        (nothing written, an existing file untouched).
+        ``[path]`` on success (with a warning notification when every voxel is
+        background); ``[]`` after a napari error notification otherwise (full disk,
+        read-only or missing folder, no geometry: nothing written, an existing file
+        untouched, no temporary file left).
     """
     from .errors import InputError
     from .io import write_labels as io_write_labels
@@ -60,11 +62,25 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
             )
         like = volume_from_geometry(geom, arr)
         written = io_write_labels(arr, like, path)
-    except InputError as exc:
+    except InputError as exc:  # OutputError too: full disk, read-only folder (nothing written)
         _notify_error(str(exc))
         return []
+    except OSError as exc:  # anything the atomic writer did not turn into one sentence
+        _notify_error(f"Could not write {path}: {exc.strerror or exc}; nothing was changed there.")
+        return []
+    if not arr.any():
+        _notify_warning(f"{Path(written).name} was written but holds no label (every voxel is background).")
     log.info("labels written to %s", written)
     return [str(Path(written))]
+
+
+def _notify_warning(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
+    except Exception:  # noqa: BLE001
+        log.warning("%s", message)
 
 
 def _notify_error(message: str) -> None:

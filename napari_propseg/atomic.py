@@ -82,6 +82,27 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), what: str 
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(tmp: str, dest: Path) -> None:
+    """Give the temporary file the mode of the file it replaces, else the usual
+    ``0o666 & ~umask`` (``mkstemp`` creates it 0600, readable by its owner only)."""
+    try:
+        mode = dest.stat().st_mode & 0o7777 if dest.is_file() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+    except OSError:
+        pass
+
+
+def _advice(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None)
+    return "free some space or choose another folder" if code in (errno.ENOSPC, errno.EDQUOT) else "choose another folder"
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -136,14 +157,15 @@ def atomic_write(
             os.fsync(fh.fileno())
         if verify is not None:
             verify(Path(tmp))
+        _set_mode(tmp, p)
         os.replace(tmp, p)
         tmp = None
         _fsync_dir(folder)
     except OutputError:
         raise
     except OSError as exc:
-        raise OutputError(f"Could not write the {what} {p}: {describe_os_error(exc)}; nothing was changed there. "
-                          "Free space or choose another folder.") from exc
+        raise OutputError(f"Could not write the {what} {p}: {describe_os_error(exc)}; nothing was changed there, "
+                          f"{_advice(exc)}.") from exc
     except Exception as exc:  # the writer's own error or a failed check
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         low = msg.lower()
@@ -171,9 +193,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, what: str = "fil
 
     if not data:  # an empty file is a valid result here
         p = Path(path).expanduser()
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=p.parent if str(p.parent) else ".")
-        os.close(fd)
-        os.replace(tmp, p)
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=p.parent if str(p.parent) else ".")
+            os.close(fd)
+            _set_mode(tmp, p)
+            os.replace(tmp, p)
+            tmp = None
+        except OSError as exc:
+            raise OutputError(f"Could not write the {what} {p}: {describe_os_error(exc)}; nothing was changed there, "
+                              f"{_advice(exc)}.") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         return p
     return atomic_write(path, _w, verify=_check, what=what)
 

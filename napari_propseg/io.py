@@ -21,12 +21,16 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import gzip
 import itertools
 import logging
 import os
+import re
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -36,7 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .atomic import atomic_write, check_output_path
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +321,20 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _file_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (b"" when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def _has_dicm_preamble(path: Path) -> bool:
+    head = _file_head(path, 132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
 def _folder_has_dicom(folder: Path, max_files: int = 64) -> bool:
     try:
         entries = sorted(p for p in folder.iterdir() if p.is_file())
@@ -376,8 +395,10 @@ DICOM_SCAN_MAX_FOLDERS = 5000
 def _series_in(folder: Path) -> list[dict[str, Any]]:
     """The DICOM series directly in ``folder`` (``uid``, ``n_slices``, ``description``, ``folder``)."""
     out = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    with _itk_warnings_off():
+        found = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                 for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+    for uid, files in found.items():
         if files:
             out.append({"uid": uid, "n_slices": len(files), "description": _dicom_tag(files[0], "0008|103e"), "folder": folder})
     return out
@@ -460,7 +481,8 @@ def _slice_position(filename: str) -> float | None:
 def _series_files(chosen: dict[str, Any]) -> list[str]:
     """The files of a series, in slice order (sorted by position when spread over folders)."""
     folders = chosen["folders"]
-    files = [f for d in folders for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), chosen["uid"])]
+    with _itk_warnings_off():
+        files = [f for d in folders for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), chosen["uid"])]
     if len(folders) > 1:
         pos = [_slice_position(f) for f in files]
         if any(p is None for p in pos):
@@ -589,8 +611,13 @@ def _first_line(exc: BaseException) -> str:
     # ITK messages look like "Exception thrown in SimpleITK ReadImage: /path/file.cxx:123:\nITK ERROR: ..."
     for ln in lines:
         if "ERROR" in ln:
-            return ln.split("ERROR:", 1)[-1].strip().rstrip(".")[:200]
-    return (lines[-1] if lines else type(exc).__name__)[:200]
+            return _strip_itk_object(ln.split("ERROR:", 1)[-1].strip().rstrip("."))[:200]
+    return _strip_itk_object(lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def _strip_itk_object(text: str) -> str:
+    """``"NrrdImageIO(0x55d0): Write: ..."`` -> ``"Write: ..."`` (no class names or addresses)."""
+    return re.sub(r"^\w+ ?\(0x[0-9a-fA-F]+\):\s*", "", text).strip() or text
 
 
 def _read_sitk(path: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
@@ -610,12 +637,17 @@ def _read_sitk(path: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
         if suffix == ".dcm":
             # A single DICOM file stands for its series: read the series it belongs to.
             uid = series_uid if series_uid is not None else _dicom_tag(str(path), "0020|000e")
+            if not uid and not _has_dicm_preamble(path):
+                head = _file_head(path, 132)
+                raise InputError(f"{path} is not a DICOM file{_looks_like(head)}; pass a DICOM file of a CT series, its folder or a CT file.")
             return _read_sitk(path.parent, uid)
         try:
             if path.stat().st_size == 0:
                 raise InputError(f"{path} is empty (0 bytes); the file is incomplete, copy or export it again.")
         except OSError as exc:
             raise InputError(f"Cannot access {path} ({exc.strerror}); check its permissions.") from None
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_magic(path, suffix)
         try:
             img = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -630,6 +662,68 @@ def _read_sitk(path: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
     if img.GetDimension() == 4:
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     return img, meta
+
+
+#: Leading bytes of formats that get renamed to .nii.gz by mistake, for the error message.
+_KNOWN_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"NRRD", "an NRRD file"),
+    (b"ObjectType", "a MetaImage header"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"BM", "a BMP image"),
+)
+
+
+def _looks_like(head: bytes) -> str:
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return " (it is a DICOM file)"
+    for magic, name in _KNOWN_MAGIC:
+        if head.startswith(magic):
+            return f" (it is {name})"
+    return ""
+
+
+def _nifti_header_ok(header: bytes) -> bool:
+    """True for a NIfTI-1/NIfTI-2 (or Analyze 7.5, sizeof_hdr 348) header."""
+    if len(header) < 4:
+        return False
+    for endian in ("<", ">"):
+        (hsize,) = struct.unpack(endian + "i", header[:4])
+        if hsize in (348, 540):
+            return True
+    return False
+
+
+def _check_nifti_magic(path: Path, suffix: str) -> None:
+    """InputError when a .nii/.nii.gz file is not NIfTI at all (e.g. a PNG renamed), before
+    ITK (which picks its reader by content) reads it as something else or calls it damaged.
+    A file that starts right but ends early is left to the truncation check."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(540)
+    except OSError as exc:
+        raise InputError(f"Cannot access {path} ({exc.strerror}); check its permissions.") from None
+    gz = head[:2] == b"\x1f\x8b"
+    if suffix == ".nii.gz" and not gz:
+        if _nifti_header_ok(head):
+            return  # an uncompressed NIfTI file named .nii.gz: ITK reads it
+        raise InputError(f"{path} is not a NIfTI file{_looks_like(head)}: a .nii.gz file must be a gzip-compressed NIfTI image; "
+                         "pass the image in a format napari-propseg reads or export it as NIfTI again.")
+    if gz:
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(540)
+        except (OSError, EOFError, zlib.error):
+            return  # damaged or cut short: the truncation check says so
+        if len(head) < 4:
+            return
+    if not _nifti_header_ok(head):
+        raise InputError(f"{path} is not a NIfTI file{_looks_like(head)}: it has no NIfTI header; "
+                         "pass the image in a format napari-propseg reads or export it as NIfTI again.")
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -778,7 +872,9 @@ def volume_info(vol: Volume) -> dict[str, Any]:
     Returns:
         dict with ``path``, ``shape`` (Z, Y, X), ``spacing`` (sz, sy, sx) mm, ``origin``
         (x, y, z) mm, ``orientation`` (file's code), ``dtype``, ``hu_min``, ``hu_max``,
-        ``series`` (list of series dicts, empty for a file), ``series_uid`` and ``notice``.
+        ``series`` (list of series dicts, empty for a file), ``series_uid``, ``notice``
+        and ``label_ids``: the ids present when the volume looks like a label file (whole
+        numbers >= 0, at most :data:`MAX_LABEL_IDS` distinct values), else None.
     """
     arr = vol.array
     finite = arr if np.issubdtype(arr.dtype, np.integer) else arr[np.isfinite(arr)]
@@ -795,7 +891,33 @@ def volume_info(vol: Volume) -> dict[str, Any]:
         "series": list(vol.meta.get("series", [])),
         "series_uid": vol.meta.get("series_uid"),
         "notice": vol.meta.get("notice"),
+        "label_ids": label_ids_present(arr),
     }
+
+
+#: A volume with at most this many distinct whole-number values >= 0 is taken for a
+#: label file by :func:`volume_info` (a CT in HU has thousands of values, and negative ones).
+MAX_LABEL_IDS = 256
+
+
+def label_ids_present(arr: np.ndarray) -> list[int] | None:
+    """The distinct values of ``arr`` when it looks like a label volume (integer type,
+    values 0..65535, at most :data:`MAX_LABEL_IDS` of them); None otherwise."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        return sorted({int(v) for v in np.unique(arr)})
+    if not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
+        return None
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        return None
+    flat = arr.reshape(-1)
+    counts = np.zeros(hi + 1, dtype=np.int64)
+    step = 1 << 22  # in chunks: no full-size int64 copy of a large CT
+    for i in range(0, flat.size, step):
+        counts += np.bincount(flat[i : i + step], minlength=hi + 1)
+    ids = np.flatnonzero(counts)
+    return [int(i) for i in ids] if ids.size <= MAX_LABEL_IDS else None
 
 
 # --------------------------------------------------------------------------- labels
@@ -847,6 +969,29 @@ def _same_grid(a: Volume, b: Volume) -> bool:
     return bool(np.all(np.abs(np.asarray(a.origin) - np.asarray(b.origin)) <= tol))
 
 
+def grid_difference(a: Volume, b: Volume) -> str:
+    """What differs between the grids of ``a`` and ``b`` (the image), in words: e.g.
+    ``"origin (400, 400, 400) mm vs the image's (-10, 5, 30) mm"``; shape, spacing,
+    origin and direction are compared with the tolerances of the same-grid test."""
+
+    def fmt(v) -> str:
+        return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+    parts = []
+    if a.shape != b.shape:
+        parts.append(f"shape {a.shape} vs the image's {b.shape}")
+    sa, sb = np.asarray(a.spacing, float), np.asarray(b.spacing, float)
+    if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0):
+        parts.append(f"spacing {fmt(sa)} mm vs the image's {fmt(sb)} mm")
+    tol = _ORIGIN_TOL_VOXELS * float(min(sa.min(), sb.min()))
+    if np.any(np.abs(np.asarray(a.origin) - np.asarray(b.origin)) > tol):
+        parts.append(f"origin {fmt(a.origin)} mm vs the image's {fmt(b.origin)} mm")
+    if not np.allclose(a.direction, b.direction, atol=_DIRECTION_ATOL, rtol=0):
+        da, db = orientation_code(a.direction), orientation_code(b.direction)
+        parts.append(f"direction {da} vs the image's {db}" if da != db else "a rotated direction (oblique) vs the image's")
+    return ", ".join(parts) or "the same grid"
+
+
 def read_labels(path: str | os.PathLike, like: Volume) -> Volume:
     """Read a label file and put it on ``like``'s grid (canonical LPS).
 
@@ -866,8 +1011,14 @@ def read_labels(path: str | os.PathLike, like: Volume) -> Volume:
 
     Raises:
         InputError: unreadable file, non-integral or negative values, or a grid that does
-            not cover the image.
+            not cover the image. A DICOM SEG or RTSTRUCT (file, or folder holding one) is
+            read by :func:`napari_propseg.formats.read_label_object` (names in
+            ``meta['label_names']``).
     """
+    from .formats import is_label_object, read_label_object
+
+    if is_label_object(path):
+        return read_label_object(path, like)[0]
     p = Path(path).expanduser()
     img, meta = _read_sitk(p, None)
     lab = _canonicalize(img, str(p), meta)
@@ -889,7 +1040,7 @@ def read_labels(path: str | os.PathLike, like: Volume) -> Volume:
     coverage = overlap / np.maximum(extent, 1e-9)
     if np.any(coverage < MIN_LABEL_COVERAGE):
         raise InputError(
-            f"{what} is on another grid (shape {lab.shape} vs the image's {like.shape}) and covers only "
+            f"{what} is on another grid ({grid_difference(lab, like)}) and covers only "
             f"{100 * float(coverage.min()):.0f}% of the image's extent along one axis; "
             "use a label file drawn on this image."
         )
@@ -937,37 +1088,184 @@ def _check_write_target(path: Path) -> str:
             f"Cannot write {path.name}: unsupported file type {suffix or '(no extension)'!r}; "
             "use .nii.gz, .nii or .nrrd."
         )
-    if not path.parent.is_dir():
-        raise InputError(f"Cannot write {path}: folder {path.parent} does not exist; create it first.")
     if path.is_dir():
-        raise InputError(f"Cannot write {path}: it is a folder; give a file name ending in .nii.gz or .nrrd.")
+        raise OutputError(f"Cannot write {path}: it is a folder; give a file name ending in .nii.gz or .nrrd.")
     return suffix
 
 
-def _atomic_write(img: sitk.Image, path: Path, suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=str(path.parent))
-    os.close(fd)
-    try:
-        sitk.WriteImage(img, tmp, useCompression=(suffix in (".nrrd", ".nii.gz")))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
-        _remove_quietly(tmp)
-        reason = _first_line(exc) if isinstance(exc, RuntimeError) else (exc.strerror or str(exc))
-        raise InputError(f"Cannot write {path} ({reason}); check the disk space and permissions.") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    log.info("wrote %s", path)
+def check_volume_output(path: str | os.PathLike, *, inputs: Sequence = (), what: str = "label file") -> Path:
+    """Check, before any work, that a label/image file can be written at ``path``.
+
+    The extension must be one of :data:`WRITE_EXTENSIONS`, the folder must exist and be
+    writable and ``path`` must not be one of ``inputs`` (see
+    :func:`napari_propseg.atomic.check_output_path`).
+
+    Raises:
+        InputError: unsupported extension; OutputError: folder missing or read-only, or
+            ``path`` is an input.
+    """
+    p = Path(path).expanduser()
+    _check_write_target(p)
+    return check_output_path(p, inputs=tuple(inputs), what=what)
 
 
-def _remove_quietly(tmp: str) -> None:
+#: Below this many free bytes on the output's file system a short write is put down to a
+#: full disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free for this user on ``folder``'s file system (None if unknown)."""
     try:
-        os.remove(tmp)
-    except OSError:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _short_write_error(folder: Path, detail: str) -> OSError:
+    """The OSError for an image file that came out incomplete: a full disk when little is free."""
+    free = _free_bytes(folder)
+    if free is not None and free < _FULL_DISK_BYTES:
+        return OSError(errno.ENOSPC, "the disk is full")
+    return OSError(errno.EIO, f"the written file came out incomplete ({detail}; is the disk full or over quota?)")
+
+
+@contextlib.contextmanager
+def _c_stderr_to_log() -> Iterator[None]:
+    """Send what C libraries print straight to file descriptor 2 (the NIfTI library's
+    "** ERROR: NWAD: wrote only ..." on a full disk) to the debug log, so that the user
+    sees one sentence; Python's own stderr is untouched."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
         pass
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        try:
+            sink.seek(0)
+            text = sink.read(4000).decode("utf-8", "replace").strip()
+        except OSError:
+            text = ""
+        sink.close()
+        if text:
+            log.debug("image writer said: %s", text)
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """Keep ITK from printing its own warnings (e.g. GDCM's "No Series were found") on
+    stderr; the caller turns what matters into one sentence."""
+    try:
+        before = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except AttributeError:  # pragma: no cover - very old SimpleITK
+        yield
+        return
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
+def _expected_data_bytes(img: sitk.Image) -> int:
+    n = int(np.prod(img.GetSize(), dtype=np.int64))
+    return n * int(img.GetNumberOfComponentsPerPixel()) * int(img.GetSizeOfPixelComponent())
+
+
+def _gzip_length(path: Path, offset: int = 0) -> int:
+    """Uncompressed length of the complete gzip stream(s) from ``offset``; raises EOFError
+    / zlib.error / gzip.BadGzipFile when the stream is cut short or damaged (the CRC and
+    length in the gzip trailer are checked)."""
+    total = 0
+    with open(path, "rb") as raw:
+        raw.seek(offset)
+        with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+            while chunk := fh.read(1 << 22):
+                total += len(chunk)
+    return total
+
+
+def _verify_image_file(tmp: Path, suffix: str, img: sitk.Image) -> None:
+    """Check that the file ITK wrote holds all of ``img`` (its writers can stop short
+    without raising, e.g. NIfTI on a full disk); raises OSError otherwise."""
+    data = _expected_data_bytes(img)
+    folder = tmp.parent
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            if suffix == ".nii.gz":
+                with gzip.open(tmp, "rb") as fh:
+                    header = fh.read(540)
+            else:
+                with open(tmp, "rb") as fh:
+                    header = fh.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None or expected - data < 348:
+                raise _short_write_error(folder, "its header is missing or damaged")
+            have = _gzip_length(tmp) if suffix == ".nii.gz" else tmp.stat().st_size
+            if have < expected:
+                raise _short_write_error(folder, f"{have} of {expected} bytes")
+        elif suffix == ".nrrd":
+            with open(tmp, "rb") as fh:
+                head = fh.read(1 << 16)
+            end = head.find(b"\n\n")
+            if not head.startswith(b"NRRD") or end < 0:
+                raise _short_write_error(folder, "its header is missing or damaged")
+            fields = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (ln.partition(":") for ln in head[:end].decode("latin-1").splitlines()[1:])
+            )
+            offset = end + 2
+            encoding = fields.get("encoding", "raw").lower()
+            if encoding in ("gzip", "gz"):
+                have = _gzip_length(tmp, offset)
+            elif encoding == "raw":
+                have = tmp.stat().st_size - offset
+            else:
+                return
+            if have < data:
+                raise _short_write_error(folder, f"{have} of {data} data bytes")
+    except (EOFError, zlib.error, gzip.BadGzipFile, struct.error) as exc:
+        raise _short_write_error(folder, f"its compressed data ends early ({exc.__class__.__name__})") from None
+
+
+def _atomic_write(img: sitk.Image, path: Path, suffix: str, what: str = "label file") -> None:
+    """Write ``img`` to ``path`` through :func:`napari_propseg.atomic.atomic_write`: a
+    temporary file beside it, checked to hold every voxel, then renamed over ``path``.
+
+    Raises:
+        OutputError: one sentence (the disk is full, read-only folder, ...); an existing
+            file at ``path`` is left as it was and no temporary file remains.
+    """
+
+    def write(tmp: Path) -> None:
+        try:
+            with _c_stderr_to_log():
+                sitk.WriteImage(img, str(tmp), useCompression=(suffix in (".nrrd", ".nii.gz")))
+        except RuntimeError as exc:
+            log.debug("SimpleITK could not write %s: %s", path, exc)
+            free = _free_bytes(tmp.parent)
+            if free is not None and free < _FULL_DISK_BYTES:
+                raise OSError(errno.ENOSPC, "the disk is full") from None
+            raise OSError(errno.EIO, f"the image writer failed ({_first_line(exc)})") from None
+
+    atomic_write(path, write, verify=lambda tmp: _verify_image_file(tmp, suffix, img), suffix=suffix, what=what)
+    log.info("wrote %s", path)
 
 
 def _check_shape(array: np.ndarray, like: Volume, what: str) -> None:
@@ -978,30 +1276,33 @@ def _check_shape(array: np.ndarray, like: Volume, what: str) -> None:
         )
 
 
-def write_volume(array: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
+def write_volume(array: np.ndarray, like: Volume, path: str | os.PathLike, *, what: str = "image") -> Path:
     """Write ``array`` on ``like``'s grid, in ``like``'s original file layout, atomically.
 
     Args:
         array: (Z, Y, X) canonical-LPS array of ``like``'s shape (any numeric type).
         like: the volume whose geometry and file orientation are restored.
         path: ``.nii.gz``, ``.nii`` or ``.nrrd`` (the extension picks the format).
+        what: what the file is, for error messages.
 
     Returns:
         The path written.
 
     Raises:
-        InputError: unsupported extension, missing folder, shape mismatch, write failure
-            (the old file, if any, is left untouched and no partial file remains).
+        InputError: unsupported extension, shape mismatch; OutputError (an InputError):
+            missing or read-only folder, full disk or any other write failure (the old
+            file, if any, is left untouched and no partial or temporary file remains).
     """
     p = Path(path).expanduser()
     suffix = _check_write_target(p)
     arr = np.asarray(array)
     _check_shape(arr, like, "The array to write")
-    _atomic_write(_to_file_layout(arr, like), p, suffix)
+    check_output_path(p, what=what)
+    _atomic_write(_to_file_layout(arr, like), p, suffix, what=what)
     return p
 
 
-def write_labels(labels: np.ndarray | Volume, like: Volume, path: str | os.PathLike) -> Path:
+def write_labels(labels: np.ndarray | Volume, like: Volume, path: str | os.PathLike, *, what: str = "label file") -> Path:
     """Write an integer label volume on ``like``'s grid and original file layout, atomically.
 
     Args:
@@ -1009,10 +1310,12 @@ def write_labels(labels: np.ndarray | Volume, like: Volume, path: str | os.PathL
             float arrays must hold whole numbers.
         like: the image the labels were drawn on.
         path: ``.nii.gz``, ``.nii`` or ``.nrrd``.
+        what: what the file is, for error messages.
 
     Returns:
         The path written. The file's pixel type is uint8, uint16 or int32, the narrowest
-        that holds the largest id.
+        that holds the largest id. An all-background volume is written too, with a
+        warning in the log.
 
     Raises:
         InputError: as :func:`write_volume`, plus negative or non-integral ids.
@@ -1022,5 +1325,8 @@ def write_labels(labels: np.ndarray | Volume, like: Volume, path: str | os.PathL
     arr = labels.array if isinstance(labels, Volume) else np.asarray(labels)
     _check_shape(arr, like, "The label volume")
     arr = _as_label_array(arr, "The label volume")
-    _atomic_write(_to_file_layout(arr, like), p, suffix)
+    check_output_path(p, what=what)
+    _atomic_write(_to_file_layout(arr, like), p, suffix, what=what)
+    if not arr.any():
+        log.warning("%s holds no label (every voxel is background)", p)
     return p

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -181,8 +180,10 @@ def read_label_map(path: str | os.PathLike, key: str | None = None) -> dict[int,
         raise InputError(f"Cannot read label map {p} ({exc}); it must be a JSON object of id -> name.") from None
     if not isinstance(data, dict):
         raise InputError(f"Label map {p} is not a JSON object; it must map ids to names, e.g. {{\"1\": \"liver\"}}.")
-    if data and all(isinstance(v, dict) for v in data.values()):
-        names = list(data)
+    if data and any(isinstance(v, dict) for v in data.values()):
+        # several maps, perhaps beside metadata ("version": "2", "description": ...): the
+        # maps are the entries that are objects
+        names = [n for n, v in data.items() if isinstance(v, dict)]
         if key is None:
             if len(names) != 1:
                 raise InputError(f"Label map {p} holds several maps ({', '.join(names)}); say which one to use.")
@@ -198,40 +199,28 @@ def read_label_map(path: str | os.PathLike, key: str | None = None) -> dict[int,
         try:
             i = int(k)
         except (TypeError, ValueError):
+            if not isinstance(v, str):  # metadata beside the map ("version": 2, "colors": [...])
+                log.debug("label map %s: skipping the non-id entry %r", p, k)
+                continue
             raise InputError(f"Label map {p} has a non-integer id {k!r}; ids must be whole numbers.") from None
         if i < 0 or not isinstance(v, str):
             raise InputError(f"Label map {p} has a bad entry {k!r}: {v!r}; entries must be id >= 0 -> name.")
         out[i] = v
+    if data and not out:
+        raise InputError(f"Label map {p} holds no id -> name entry; it must map ids to names, e.g. {{\"1\": \"liver\"}}.")
     return dict(sorted(out.items()))
 
 
 def write_label_map(names: Mapping[int, str], path: str | os.PathLike) -> Path:
-    """Write ``{id: name}`` as JSON (ids as strings, sorted), atomically.
+    """Write ``{id: name}`` as JSON (ids as strings, sorted), atomically (see
+    :mod:`napari_propseg.atomic`).
 
     Raises:
-        InputError: the folder does not exist or is not writable.
+        OutputError (an InputError): the folder does not exist or is not writable, or
+            the disk is full; an existing file is left as it was, no temporary file remains.
     """
-    p = Path(path).expanduser()
-    if not p.parent.is_dir():
-        raise InputError(f"Cannot write {p}: folder {p.parent} does not exist; create it first.")
+    from .atomic import atomic_write_text, check_output_path
+
+    p = check_output_path(path, what="label map")
     text = json.dumps({str(int(k)): str(v) for k, v in sorted(names.items(), key=lambda kv: int(kv[0]))}, indent=1)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=str(p.parent))
-    except OSError as exc:
-        raise InputError(f"Cannot write {p} ({exc.strerror}); check the folder's permissions.") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise InputError(f"Cannot write {p} ({exc.strerror}); check the disk space and permissions.") from None
-        raise
-    return p
+    return atomic_write_text(p, text + "\n", what="label map")

@@ -41,6 +41,7 @@ wrong, and a mean over labels that includes it is ``inf`` rather than silently s
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -342,15 +343,29 @@ def _fmt(v) -> str:
 
 
 def write_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> str:
-    """Write metric rows with :data:`CSV_COLUMNS` (temporary file, then rename)."""
+    """Write metric rows with :data:`CSV_COLUMNS` atomically (see :mod:`napari_propseg.atomic`).
+
+    The folder is created if missing.
+
+    Raises:
+        OutputError: the folder cannot be created or the file cannot be written (full
+            disk, read-only folder); an existing file is left as it was and no temporary
+            file remains.
+    """
+    from .atomic import atomic_write_text, describe_os_error
+    from .errors import OutputError
+
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_COLUMNS)
-        for r in rows:
-            w.writerow([_fmt(r.get(c, "")) for c in CSV_COLUMNS])
-    os.replace(tmp, path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the report {path}: cannot create the folder {parent} ({describe_os_error(exc)}); "
+                          "choose another folder.") from exc
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([_fmt(r.get(c, "")) for c in CSV_COLUMNS])
+    atomic_write_text(path, buf.getvalue(), what="report")
     return path

@@ -31,10 +31,14 @@ def models_dir() -> Path:
 
 
 def save_weights(path: str | os.PathLike, kind: str, config: dict, state_dict: dict, meta: dict | None = None) -> Path:
-    """Write a weight file atomically (temporary file, then rename)."""
+    """Write a weight file atomically (see :mod:`napari_propseg.atomic`); its folder is created.
+
+    Raises:
+        OutputError: full disk, read-only folder, ...: an existing file is left as it
+            was and no temporary file remains.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    make_folder(path.parent, what="weight file")
     payload = {
         "format": FORMAT,
         "kind": kind,
@@ -42,9 +46,64 @@ def save_weights(path: str | os.PathLike, kind: str, config: dict, state_dict: d
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": dict(meta or {}),
     }
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic(payload, path, what="weight file")
+
+
+def make_folder(folder: Path, *, what: str) -> None:
+    """``mkdir -p`` with the failure as one :class:`~napari_propseg.errors.OutputError` sentence."""
+    from .atomic import describe_os_error
+    from .errors import OutputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the {what} into {folder}: the folder cannot be created ({describe_os_error(exc)}); "
+                          "choose another folder.") from exc
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike, *, what: str = "file") -> Path:
+    """``torch.save(obj, path)`` through :func:`napari_propseg.atomic.atomic_write`: the
+    written zip archive is checked (every member's CRC) before it replaces ``path``.
+
+    Raises:
+        OutputError: one sentence (the disk is full, ...); nothing changed at ``path``.
+    """
+    import errno
+    import zipfile
+
+    from .atomic import atomic_write
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a short write this way
+            raise _writer_os_error(tmp.parent, exc) from None
+
+    def verify(tmp: Path) -> None:
+        try:
+            with zipfile.ZipFile(tmp) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise _writer_os_error(tmp.parent, exc) from None
+        if bad is not None:
+            raise OSError(errno.EIO, f"the written file is damaged (member {bad})")
+
+    return atomic_write(path, write, verify=verify, what=what)
+
+
+def _writer_os_error(folder: Path, exc: BaseException) -> OSError:
+    """An OSError for a writer's failure: ENOSPC when the file system is (nearly) full."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return OSError(errno.ENOSPC, "the disk is full")
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[-1][:200]
+    return OSError(errno.EIO, f"the writer failed ({text})")
 
 
 def load_weights(path: str | os.PathLike, kind: str) -> tuple[dict, dict, dict]:

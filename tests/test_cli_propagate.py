@@ -43,8 +43,10 @@ def test_interp_end_to_end(case, capsys):
     rc = main(["propagate", str(d / "ct.nii.gz"), "--seeds", str(d / "seeds.nii.gz"), "--out", str(d / "out.nii.gz"), "--method", "interp"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "wrote" in captured.out and "8 slices filled from 2 anchor(s)" in captured.out
-    assert "interpolating slice" in captured.err and "[" in captured.err  # progress bar on stderr
+    # interp fills the 4 slices between the anchors 2 and 7 and says that 0-1 and 8-9 stay empty
+    assert "wrote" in captured.out and "4 slices filled from 2 anchor(s)" in captured.out
+    assert "slices 0-1 and 8-9 lie outside the outermost anchors and were left empty" in captured.out
+    assert captured.err == ""  # stderr is not a terminal here: no progress bar (see test_progress_bar_on_a_terminal)
     ct = read_volume(d / "ct.nii.gz")
     out = read_labels(d / "out.nii.gz", like=ct)
     assert out.array.shape == seeds.shape and ct.spacing == out.spacing
@@ -115,3 +117,21 @@ def test_no_weights(case, capsys, monkeypatch):
     assert _run(d, "--device", "cpu", method="stcn") == 2
     msg = _one_sentence_error(capsys)
     assert "No trained propagation weights" in msg and "--method interp" in msg
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from napari_propseg.cli.propagate import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        bar = ProgressBar(stream)
+        bar(1, 2, "interpolating slice 3")
+        bar(2, 2, "interpolating slice 4")
+    assert "interpolating slice" in term.getvalue() and "[" in term.getvalue() and term.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""

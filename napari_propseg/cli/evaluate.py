@@ -117,9 +117,12 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
     class name to the ids of ``label_names`` first (:func:`~napari_propseg.labelmap.translate_by_name`);
     predicted classes without a counterpart in that map are then left out of the scores.
     """
+    from ..atomic import check_output_path
     from ..io import read_labels, read_volume
     from ..labelmap import relabel, translate_by_name
     from ..metrics import DEFAULT_TOLERANCE_MM, MetricAccumulator
+
+    check_output_path(out, inputs=(pred, gt), what="report")  # before the work, not after
 
     if label_names is None:
         from ..labelmap import FLARE_NAMES
@@ -139,9 +142,20 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
     for i, (case, p, g) in enumerate(pairs):
         ref = read_volume(g)
         gt_arr = read_labels(g, like=ref).array
+        gt_had_labels = bool(gt_arr.any())
+        if not gt_had_labels:
+            log.warning("%s: the ground truth %s holds no label (every voxel is background); only false positives "
+                        "can be scored", case, g)
         if table is not None:
             gt_arr = relabel(gt_arr, table)
-        pr_arr = read_labels(p, like=ref).array
+            if gt_had_labels and not gt_arr.any():
+                log.warning("%s: no class of the ground truth %s has a counterpart in the prediction's label map; "
+                            "check --gt-labels and --labels", case, g)
+        from ..formats import align_label_ids  # a SEG/RTSTRUCT prediction: its ids matched by segment name
+
+        pr_arr = align_label_ids(read_labels(p, like=ref), label_names)
+        if not pr_arr.any():
+            log.warning("%s: the prediction %s holds no label (every voxel is background)", case, p)
         if table is not None:
             pr_arr = _only_comparable(pr_arr, set(table.values()), case)
         acc.update(pr_arr, gt_arr, ref.spacing, case=case)
@@ -180,11 +194,13 @@ def run(args: argparse.Namespace) -> int:
     gt_names = read_label_map(args.gt_labels, key=args.gt_labels_key) if args.gt_labels else None
     if args.tolerance is not None and (not math.isfinite(args.tolerance) or args.tolerance < 0):
         raise InputError(f"--tolerance {args.tolerance} is not a non-negative number of mm; pass e.g. --tolerance 1.")
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise InputError(f"Cannot write {out}: folder {out.parent} does not exist; create it first.")
+    from . import check_outputs
+
+    (out,) = check_outputs((args.out, "report"), inputs=(args.pred, args.gt, args.labels, args.gt_labels))
 
     def bar(step: int, total: int, msg: str) -> None:
+        if not sys.stderr.isatty():  # only on a terminal: a script reading stderr gets the error alone
+            return
         print(f"\r[{step}/{total}] {msg}", end="" if step < total else "\n", file=sys.stderr, flush=True)
 
     rows = evaluate(args.pred, args.gt, out, label_names=names, gt_label_names=gt_names, tolerance_mm=args.tolerance, progress=bar)

@@ -1,4 +1,5 @@
-"""``propseg info FILE``: shape, spacing, orientation, HU range (and DICOM series) of a CT."""
+"""``propseg info FILE``: shape, spacing, orientation, HU range (and DICOM series) of a CT;
+the label ids present instead of the HU range for a label file."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def format_info(info: dict) -> str:
         f"extent:      {z * sz:.1f} x {y * sy:.1f} x {x * sx:.1f} mm",
         f"origin:      ({info['origin'][0]:.2f}, {info['origin'][1]:.2f}, {info['origin'][2]:.2f}) mm (LPS x, y, z)",
         f"orientation: {info['orientation']} in the file{' (oblique)' if info.get('oblique') else ''}; shown as LPS",
-        f"HU range:    {info['hu_min']:g} .. {info['hu_max']:g} ({info['dtype']})",
     ]
+    ids = info.get("label_ids")
+    if ids is not None:  # a label file (or a mask), not a CT: its values are ids, not HU
+        shown = ", ".join(str(i) for i in ids[:40]) + (f", ... ({len(ids)} in all)" if len(ids) > 40 else "")
+        lines.append(f"label ids:   {shown} present; values {info['hu_min']:g} .. {info['hu_max']:g} ({info['dtype']}), "
+                     "so this looks like a label file, not a CT")
+    else:
+        lines.append(f"HU range:    {info['hu_min']:g} .. {info['hu_max']:g} ({info['dtype']})")
     series = info.get("series") or []
     if series:
         lines.append(f"DICOM series found: {len(series)}")

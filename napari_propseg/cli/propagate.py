@@ -119,14 +119,24 @@ def seeded_slices(labels: np.ndarray) -> list[int]:
 
 
 class ProgressBar:
-    """A text progress bar on a stream (stderr), redrawn in place; usable as ``progress``."""
+    """A text progress bar on a stream (stderr), redrawn in place; usable as ``progress``.
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30, label: str = "propagate") -> None:
+    Drawn only when the stream is a terminal (``always=True`` draws it anyway), so that a
+    script reading stderr gets the one-sentence error and nothing else.
+    """
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 30, label: str = "propagate", *, always: bool = False) -> None:
         self.stream, self.width, self.label = stream, width, label
         self.t0 = time.perf_counter()
         self._last = -1.0
+        try:
+            self.enabled = always or bool(stream.isatty())
+        except (AttributeError, ValueError):
+            self.enabled = always
 
     def __call__(self, step: int, total: int, message: str = "") -> None:
+        if not self.enabled:
+            return
         now = time.perf_counter()
         if step < total and now - self._last < 0.1:
             return
@@ -140,26 +150,82 @@ class ProgressBar:
         self.stream.flush()
 
 
+def slice_ranges(slices) -> str:
+    """``[0, 1, 2, 6, 9, 10]`` -> ``"0-2, 6 and 9-10"``."""
+    zs = sorted(int(z) for z in slices)
+    runs: list[list[int]] = []
+    for z in zs:
+        if runs and z == runs[-1][1] + 1:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    parts = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _anchor_slices(args: argparse.Namespace, seeds: np.ndarray, depth: int) -> list[int]:
+    """The anchor slices: --slices (duplicates merged, with a notice) or every labelled slice."""
+    if args.slices is None:
+        return seeded_slices(seeds)
+    given = parse_ids(args.slices, "--slices")
+    bad = [z for z in given if z >= depth]
+    if bad:
+        raise InputError(f"--slices {bad} lie outside the image's {depth} slices; pick slices 0..{depth - 1}.")
+    anchors = sorted(set(given))
+    if len(anchors) < len(given):
+        twice = sorted({z for z in given if given.count(z) > 1})
+        log.warning("--slices lists slice(s) %s more than once; propagating from the %d distinct anchor slice(s) %s",
+                    ", ".join(map(str, twice)), len(anchors), ", ".join(map(str, anchors)))
+    return anchors
+
+
+def describe_result(labels: np.ndarray, computed, anchors, method: str) -> tuple[int, str]:
+    """How many computed slices hold a label, and a note naming the computed slices left empty."""
+    holding = set(seeded_slices(labels))
+    filled = [z for z in computed if z in holding]
+    empty = [z for z in computed if z not in holding]
+    if not empty:
+        return len(filled), ""
+    lo, hi = min(anchors), max(anchors)
+    outside = [z for z in empty if z < lo or z > hi]
+    between = [z for z in empty if lo < z < hi]
+    notes = []
+    if outside:
+        verb = "lie" if len(outside) > 1 else "lies"
+        if method == "interp":
+            notes.append(f"slice{'s' if len(outside) > 1 else ''} {slice_ranges(outside)} {verb} outside the outermost anchors "
+                         "and were left empty (interp does not extrapolate; add an anchor slice there to label them)")
+        else:
+            notes.append(f"slice{'s' if len(outside) > 1 else ''} {slice_ranges(outside)} outside the outermost anchors came out empty")
+    if between:
+        notes.append(f"slice{'s' if len(between) > 1 else ''} {slice_ranges(between)} between anchors came out empty")
+    return len(filled), "; " + "; ".join(notes)
+
+
 def run(args: argparse.Namespace) -> int:
     """Read IMAGE and SEEDS, propagate, write OUT; InputError goes to the dispatcher (exit 2)."""
+    from . import check_outputs
+
+    check_outputs((args.out, "label file"), inputs=(args.image, args.seeds, args.weights))
     image = read_volume(args.image)
-    seeds = read_labels(args.seeds, like=image)
-    if seeds.meta.get("notice"):
-        log.warning("%s", seeds.meta["notice"])
+    seeds = read_labels(args.seeds, like=image)  # a resampling notice is logged there
     depth = image.shape[0]
-    if args.slices is not None:
-        anchors = parse_ids(args.slices, "--slices")
-        bad = [z for z in anchors if z >= depth]
-        if bad:
-            raise InputError(f"--slices {bad} lie outside the image's {depth} slices; pick slices 0..{depth - 1}.")
-    else:
-        anchors = seeded_slices(seeds.array)
+    anchors = _anchor_slices(args, seeds.array, depth)
     if not anchors:
         raise InputError(f"The seed file {args.seeds} holds no labelled slice; label at least one slice or pass --slices.")
+    labelled = [z for z in anchors if seeds.array[z].any()]
+    if not labelled:
+        raise InputError(f"The seed file {args.seeds} holds no label on the anchor slice(s) {slice_ranges(anchors)}; "
+                         "label at least one of them or pass other --slices.")
     locked = parse_ids(args.lock, "--lock")
     args.method = args.method or ("stcn" if args.weights or args.adapt_steps else "interp")
     if args.adapt_steps and args.method != "stcn":
         raise InputError(f"--adapt-steps fine-tunes the STCN network; it cannot be used with --method {args.method}.")
+    if args.method == "interp" and len(anchors) < 2:
+        where = f"--slices gives slice {anchors[0]} only" if args.slices is not None else \
+            f"{args.seeds} holds labels on slice {anchors[0]} only"
+        raise InputError(f"Propagation by interpolation needs labels on at least two slices, and {where}; "
+                         "label a second slice, add to --slices an empty slice where the organs end, or use --method stcn.")
     engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing,
                                adapt_steps=args.adapt_steps,
                                appearance=None if args.appearance == "auto" else {"weight": args.appearance},
@@ -169,11 +235,13 @@ def run(args: argparse.Namespace) -> int:
         engine.adapt(seeds.array, anchors, locked_labels=locked, progress=None if args.quiet else ProgressBar(sys.stderr, label="adapt"))
     result = engine.propagate(seeds.array, anchors, locked_labels=locked, progress=progress)
     out = write_labels(result.labels, image, args.out)
+    n_filled, empty_note = describe_result(result.labels, result.computed, anchors, args.method)
     worst = engine.suggest_next(result.confidence, anchors) if len(anchors) < depth else None
     print(
-        f"wrote {out}: {len(result.computed)} slices filled from {len(anchors)} anchor(s) by {args.method} "
+        f"wrote {out}: {n_filled} slices filled from {len(anchors)} anchor(s) by {args.method} "
         f"in {result.seconds:.1f} s, CT intensity weight {engine.image_weight:g}"
         + (" (auto)" if engine.image_weight_scores else "")
+        + empty_note
         + (f"; least confident slice: {worst}" if worst is not None else "")
     )
     return 0

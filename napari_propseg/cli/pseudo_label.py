@@ -36,8 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..training.pseudo_label import pseudo_label_folder
 
+    from pathlib import Path
+
+    from . import check_output_folder
+
     if len(args.models) < 2:
         raise InputError("Pseudo-label scoring compares models; pass at least two weight files with --models.")
+    for m in args.models:
+        if not Path(m).expanduser().is_file():
+            what = "is a folder" if Path(m).expanduser().is_dir() else "does not exist"
+            raise InputError(f"The --models file {m} {what}; pass existing reference weight files (two or more) with --models.")
+    out = check_output_folder(args.out)
+    if Path(args.folder).expanduser().resolve() == out.resolve():
+        raise InputError(f"--out {args.out} is the input FOLDER; write the pseudo-labels to another folder.")
     recs = pseudo_label_folder(args.folder, args.models, args.out, threshold=args.threshold, device=args.device,
                                progress=stderr_bar)
     kept = sum(1 for r in recs if r["kept"])

@@ -85,24 +85,44 @@ def write_preview(ct, labels, path: Path) -> Path:
         ax.set_title(f"slice {k} (of {z_n}), W400 L40", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    from ..atomic import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), suffix=".png", what="preview")
+    finally:
+        plt.close(fig)
     return path
 
 
 def run(args: argparse.Namespace) -> int:
     """Make the phantom and write it; InputError propagates to the dispatcher."""
+    from . import check_output_folder, check_outputs
+
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; pass a folder to write the phantom into.")
+    check_output_folder(out)  # before the work: a folder that cannot be written fails at once
     ct, labels = make_phantom(tuple(args.shape), tuple(args.spacing), args.seed, progress=_stderr_progress)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"Cannot create the output folder {out} ({exc.strerror}); pick a writable folder.") from None
-    ct_path = write_volume(ct.array, ct, out / CT_NAME)
-    lab_path = write_labels(labels.array, ct, out / LABELS_NAME)
-    map_path = write_label_map(PHANTOM_LABELS, out / LABEL_MAP_NAME)
+    try:
+        check_outputs((out / CT_NAME, "image"), (out / LABELS_NAME, "label file"), (out / LABEL_MAP_NAME, "label map"),
+                      (out / PREVIEW_NAME if args.preview else None, "preview"))
+        # each file is written atomically: a full disk leaves the files before it complete
+        # and no half-written one
+        ct_path = write_volume(ct.array, ct, out / CT_NAME, what="phantom CT")
+        lab_path = write_labels(labels.array, ct, out / LABELS_NAME, what="phantom label file")
+        map_path = write_label_map(PHANTOM_LABELS, out / LABEL_MAP_NAME)
+    except BaseException:
+        if created:  # the folder this run made, if nothing could be written into it
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     print(f"phantom CT:     {ct_path}")
     print(f"phantom labels: {lab_path}")
     print(f"label map:      {map_path}")

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -162,8 +163,10 @@ def save_checkpoint(
     Returns:
         The path written.
     """
+    from ..weights import make_folder, torch_save_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, what="checkpoint")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "step": int(step),
@@ -174,13 +177,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    torch_save_atomic(payload, path, what="checkpoint")  # OutputError on a full disk; the old checkpoint stays
     log.info("checkpoint step %d written to %s", step, path)
     return path
 
@@ -253,7 +250,9 @@ class CSVLogger:
     def __init__(self, path: str | os.PathLike, fieldnames: Iterable[str], *, resume_step: int | None = None):
         self.path = Path(path)
         self.fieldnames = list(fieldnames)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from ..weights import make_folder
+
+        make_folder(self.path.parent, what="training log")
         if self.path.is_file() and self.path.stat().st_size > 0:
             with open(self.path, newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
@@ -271,18 +270,43 @@ class CSVLogger:
             self._rewrite([])
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        from ..atomic import atomic_write_text
+
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue(), what="training log")
 
     def log(self, row: Mapping[str, Any]) -> None:
-        """Append one row (unknown keys raise ValueError) and flush it to disk."""
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.fieldnames)
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        """Append one row (unknown keys raise ValueError) and flush it to disk.
+
+        Raises:
+            OutputError: the row could not be written (full disk, ...); the file is cut
+                back to the rows before it, so it never ends in half a row.
+        """
+        from ..atomic import describe_os_error
+        from ..errors import OutputError
+
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.fieldnames)
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        data = buf.getvalue().encode("utf-8")
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            size = None
+        try:
+            with open(self.path, "ab") as fh:
+                fh.write(data)
+        except OSError as exc:
+            if size is not None:
+                try:
+                    os.truncate(self.path, size)
+                except OSError:
+                    pass
+            raise OutputError(f"Could not append to the training log {self.path}: {describe_os_error(exc)}; "
+                              "free some space or write the run to another --out folder.") from exc
 
     def read(self) -> list[dict]:
         """All rows logged so far, as dicts of strings."""
