@@ -207,7 +207,7 @@ def test_cli_suggest_segment_pseudo_label(tmp_path, phantom_files, monkeypatch, 
     # default weights folder through PROPSEG_MODELS; without weights: exit 2 and one sentence
     monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "empty"))
     assert cli_main(["suggest", img, "--out", str(tmp_path / "s2.nii.gz")]) == 2
-    assert "No reference weights" in capsys.readouterr().err
+    assert "No reference model 'abdomen'" in capsys.readouterr().err
     monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "models"))
     assert cli_main(["suggest", img, "--out", str(tmp_path / "s3.nii.gz"), "--k", "2", "--device", "cpu"]) == 0
     # pseudo-label needs two models

@@ -447,7 +447,7 @@ def test_cli_reference_passes_overrides(tmp_path, monkeypatch):
     cfg.write_text("steps: 100\ndata:\n  labeled:\n    - {image: cases/ct.nii.gz, labels: missing.nii.gz}\n")
     seen = {}
 
-    def fake(config, *, resume=None, progress=None, cancel=None):
+    def fake(config, *, resume=None, progress=None, cancel=None, time_limit=None):
         seen.update(config=config, resume=resume)
         return {"weights": ["a.pt", "b.pt"]}
 
