@@ -133,3 +133,59 @@ def test_old_flat_model_folder_still_works(monkeypatch, tmp_path):
     monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "old"))
     sug = suggest_slices(np.zeros((6, 32, 32)), None, k=2, device="cpu")
     assert sug.labels.shape == (6, 32, 32)
+
+
+def test_bench_segment_over_a_dataset_matches_by_name(monkeypatch, tmp_path):
+    """bench segment scores each present organ by the model's names; an organ the case
+    does not hold is not scored."""
+    import SimpleITK as sitk
+
+    from napari_propseg.cli import main
+
+    class Oracle(torch.nn.Module):
+        """Predicts 'bone' (its id 1) where HU > 200 and 'liver' (id 2) where 0 < HU < 100."""
+
+        def __init__(self):
+            super().__init__()
+            self.config = {"num_classes": 3, "img_size": 32, "windows": [[-100, 400], [-100, 400], [-100, 400]],
+                           "label_names": {"0": "background", "1": "bone", "2": "liver"}}
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, z):
+            hu = x[:, 0] * 500 - 100
+            out = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+            out[:, 0] = 1.0
+            out[:, 1] = 10.0 * (hu > 200).float()
+            out[:, 2] = 10.0 * ((hu > 0) & (hu < 100)).float()
+            return out + self.p
+
+    folder = tmp_path / "models" / "reference" / "oracle"
+    folder.mkdir(parents=True)
+    from napari_propseg.weights import save_weights
+
+    for i in range(2):
+        save_weights(folder / f"m{i}.pt", "reference", {"arch": "oracle"}, {})
+    monkeypatch.setattr("napari_propseg.reference.inference.load_reference_model", lambda p: Oracle())
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path / "models"))
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "bone"}))
+    lab = np.zeros((12, 32, 32), np.uint8)
+    lab[2:10, 4:14, 4:14] = 1
+    lab[2:10, 18:28, 18:28] = 2
+    ct = np.full(lab.shape, -50, np.int16)
+    ct[lab == 1] = 50
+    ct[lab == 2] = 300
+    for name, keep in (("a", [1, 2]), ("b", [1])):
+        sitk.WriteImage(sitk.GetImageFromArray(ct), str(ds / f"{name}_ct.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(lab, keep), lab, 0).astype(np.uint8)), str(ds / f"{name}_labels.nii.gz"))
+    (ds / "manifest.json").write_text(json.dumps([{"case": "a", "split": "v", "labels_present": ["liver", "bone"]},
+                                                  {"case": "b", "split": "v", "labels_present": ["liver"]}]))
+    out = tmp_path / "out"
+    assert main(["bench", "segment", "--dataset", str(ds), "--model", "oracle", "--k", "12", "--out", str(out)]) == 0
+    res = json.loads((out / "segment.json").read_text())
+    by = {c["case"]: c for c in res["cases"]}
+    assert by["a"]["dice"] == pytest.approx({"liver": 1.0, "bone": 1.0})
+    assert by["b"]["dice"] == pytest.approx({"liver": 1.0})  # bone is predicted there but not scored
+    assert res["per_organ"]["bone"]["n"] == 1 and res["mean_dice"] == pytest.approx(1.0)
+    assert "| liver | 1.000 | 2 |" in (out / "segment.md").read_text()

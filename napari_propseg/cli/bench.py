@@ -120,6 +120,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--out", default=None, metavar="DIR", help="also write speed.json there")
     ps.set_defaults(func=run_speed_cmd)
 
+    pg = sub.add_parser("segment", help="fully automatic segmentation (propseg segment) of every case of a dataset, scored per organ",
+                        description="Run 'propseg segment' (the reference model's suggested slices, then propagation) on every "
+                        "labelled case of a dataset folder; Dice per organ the case holds, mean over cases. Writes segment.json "
+                        "and segment.md.")
+    pg.add_argument("--dataset", metavar="DIR", required=True, help="dataset folder (nnU-Net raw or CASE_ct/CASE_labels layout)")
+    pg.add_argument("--split", metavar="NAME", default=None, help="only the cases of this split (e.g. validation-pats)")
+    pg.add_argument("--limit", type=int, default=None, metavar="N", help="at most N cases")
+    pg.add_argument("--model", metavar="NAME", default=None, help="installed reference model (default abdomen)")
+    pg.add_argument("--weights", metavar="FILE", nargs="+", default=None, help="reference weight files instead of --model")
+    pg.add_argument("--k", type=int, default=None, help="reference slices (default: the segment command's default)")
+    pg.add_argument("--method", default="interp", help="propagation method (default interp)")
+    pg.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    pg.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pg.set_defaults(func=run_segment_cmd)
+
     pm = sub.add_parser("metrics", help="time propseg evaluate's metrics on a synthetic 512x512x300 pair with 13 labels",
                         description="Seconds and peak memory of the metrics (Dice ... HD95, ASD) on synthetic ellipsoids.")
     pm.add_argument("--shape", default="300,512,512", metavar="Z,Y,X", help="volume size (default 300,512,512)")
@@ -243,6 +258,30 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
     if args.json:
         path = write_json(res, args.json)
         print(f"wrote {path}")
+    return 0
+
+
+def run_segment_cmd(args: argparse.Namespace) -> int:
+    from ..bench.cases import iter_dataset_cases
+    from ..bench.protocol import machine_description, write_json
+    from ..bench.segment import run_segment_dataset, segment_markdown
+
+    if args.weights and args.model:
+        raise InputError("Pass either --model or --weights, not both.")
+    if args.k is not None and args.k < 1:
+        raise InputError(f"--k must be at least 1, got {args.k}.")
+    out = _out_dir(args.out)
+    res = run_segment_dataset(iter_dataset_cases(args.dataset, split=args.split, limit=args.limit), model=args.model,
+                              weights=args.weights, k=args.k, method=args.method, device=_device(args.device), progress=_bar)
+    res["machine"] = machine_description()
+    res["dataset"] = str(args.dataset)
+    res["split"] = args.split
+    write_json(res, out / "segment.json")
+    from ..atomic import atomic_write_text
+
+    md = atomic_write_text(out / "segment.md", segment_markdown(res, res["machine"]), what="benchmark report")
+    print(md.read_text())
+    print(f"wrote {out / 'segment.json'}, {md}")
     return 0
 
 
