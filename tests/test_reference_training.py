@@ -234,3 +234,69 @@ def test_cli_segment(tmp_path, phantom_files, monkeypatch):
     assert seg.shape == (12, 64, 64)
     slices = json.loads((tmp_path / "seeds.slices.json").read_text())["slices"]
     assert np.array_equal(seg[slices], seeds[slices])  # anchors come back unchanged
+
+
+class _Threshold(nn.Module):
+    """Predicts 'bright' (id 1) where HU > 100: two copies agree perfectly."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"num_classes": 2, "img_size": 32, "windows": [[-200, 200]] * 3,
+                       "label_names": {"0": "background", "1": "bright"}}
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, z):
+        hu = x[:, 0] * 400 - 200
+        out = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        out[:, 1] = 10.0 * (hu > 100).float() - 5.0
+        return out + self.p
+
+
+@pytest.mark.parametrize("layout", ["shared", "nnunet"])
+def test_pseudo_label_dataset_in_dataset_out(tmp_path, layout):
+    """A dataset folder in gives a dataset folder of the same layout out: the kept cases'
+    images and pseudo-labels, their scores, readable by the dataset reader; two ranks
+    share the cases."""
+    from napari_propseg.datasets import read_dataset
+
+    src = tmp_path / "in"
+    src.mkdir()
+    vols = {}
+    for i in range(3):
+        ct = np.full((6, 32, 32), -50, np.int16)
+        if i != 1:  # case 1 has nothing bright: no organ, score NaN, not kept
+            ct[1:5, 8:20, 8:20] = 300
+        vols[f"c{i}"] = ct
+    import SimpleITK as sitk
+
+    if layout == "shared":
+        (src / "labels.json").write_text(json.dumps({"0": "background", "1": "bright"}))
+        for n, ct in vols.items():
+            sitk.WriteImage(sitk.GetImageFromArray(ct), str(src / f"{n}_ct.nii.gz"))
+    else:
+        (src / "imagesTr").mkdir()
+        (src / "labelsTr").mkdir()
+        (src / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "bright": 1}}))
+        (src / "imagesTs").mkdir()
+        for n, ct in vols.items():
+            sitk.WriteImage(sitk.GetImageFromArray(ct), str(src / "imagesTs" / f"{n}_0000.nii.gz"))
+    # nnU-Net needs at least one training case in imagesTr
+    if layout == "nnunet":
+        sitk.WriteImage(sitk.GetImageFromArray(vols["c0"]), str(src / "imagesTr" / "t_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray((vols["c0"] > 100).astype(np.uint8)), str(src / "labelsTr" / "t.nii.gz"))
+    out = tmp_path / "out"
+    nets = [_Threshold(), _Threshold()]
+    pseudo_label_folder(src, nets, out, rank=0, world_size=2, device="cpu")
+    pseudo_label_folder(src, nets, out, rank=1, world_size=2, device="cpu")
+    ds = read_dataset(out)
+    assert ds.layout == layout and ds.label_map == {0: "background", 1: "bright"}
+    kept = sorted(c.name for c in ds.all_cases)
+    assert kept == (["c0", "c2"] if layout == "shared" else ["c0", "c2", "t"])
+    for c in ds.all_cases:
+        lab = read_volume(c.labels).array
+        assert np.array_equal(lab > 0, vols.get(c.name, vols["c0"]) > 100)
+    if layout == "shared":
+        manifest = {m["case"]: m for m in json.loads((out / "manifest.json").read_text())}
+        assert manifest["c0"]["score"] == pytest.approx(1.0) and manifest["c0"]["labels_present"] == ["bright"]
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "scores.csv"))}
+    assert rows["c1"]["kept"] == "False"

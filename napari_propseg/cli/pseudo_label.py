@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "volume by the mean Dice between each model's mask and the average, keep volumes scoring at least "
         "--threshold, and write a CSV of scores. Resumable; shards across processes under torchrun.",
     )
-    p.add_argument("folder", metavar="FOLDER", help="folder of CT files / DICOM series folders")
+    p.add_argument("folder", metavar="FOLDER", help="folder of CT files / DICOM series folders, or a dataset folder (nnU-Net raw or CASE_ct layout): then OUT becomes a dataset folder of the same layout holding the cases that pass, with each score")
     p.add_argument("--models", metavar="FILE", nargs="+", required=True, help="reference weight files (two or more)")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.9, help="keep volumes whose score is at least this (default: 0.9)")

@@ -12,6 +12,12 @@ information). Volumes whose score reaches ``threshold`` (0.9 default) are kept: 
 pseudo-label is written next to a CSV of every score, ready to be fed back as labeled
 data.
 
+``folder`` may also be a dataset folder (:mod:`napari_propseg.datasets`, nnU-Net raw or
+shared layout; every case, labelled or not, is scored): the output is then a dataset
+folder of the same layout holding the cases that pass, their images (hard links where the
+file system allows, else copies) and pseudo-labels, and its description (``dataset.json``,
+or ``labels.json`` + ``manifest.json`` with each case's score and ``labels_present``).
+
 A site runs this over thousands of volumes: :func:`pseudo_label_folder` shards the sorted
 case list by ``RANK`` / ``WORLD_SIZE`` (as set by ``torchrun``), records each finished case
 in ``DIR/records/<case>.json`` (so a rerun skips it: resumable, also across shard counts),
@@ -40,7 +46,8 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "scores.csv"
 RECORDS = "records"
-FIELDS = ["case", "image", "score", "kept", "n_slices", "organs", "seconds", "label_file"]
+FIELDS = ["case", "image", "score", "kept", "n_slices", "organs", "seconds", "label_file", "image_file"]
+LAYOUT_FILE = "layout.json"
 
 
 @dataclass
@@ -153,8 +160,53 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _layout_paths(out: Path, layout: str, case: str, image: Path) -> tuple[Path, Path]:
+    """(image path, label path) of a kept case in an output dataset folder."""
+    from ..datasets import IMAGE_SUFFIXES
+
+    suffix = next((s for s in IMAGE_SUFFIXES if image.name.lower().endswith(s)), ".nii.gz")
+    if layout == "nnunet":
+        return out / "imagesTr" / f"{case}_0000{suffix}", out / "labelsTr" / f"{case}.nii.gz"
+    return out / f"{case}_ct{suffix}", out / f"{case}_labels.nii.gz"
+
+
+def _place_image(src: Path, dst: Path) -> Path:
+    """Hard-link (else copy) the image into the output dataset, atomically."""
+    import shutil
+
+    from ..atomic import atomic_write
+
+    if dst.exists():
+        return dst
+
+    def _w(tmp: Path) -> None:
+        try:
+            tmp.unlink()
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    return atomic_write(dst, _w, what="dataset image")
+
+
+def _write_description(out: Path, rows: list[dict]) -> None:
+    """The output dataset's description files, from the kept records."""
+    from ..datasets import write_dataset_description
+
+    layout_file = out / LAYOUT_FILE
+    if not layout_file.is_file():
+        return
+    info = json.loads(layout_file.read_text())
+    names = {int(k): v for k, v in info["label_map"].items()}
+    present = [n for i, n in sorted(names.items()) if i > 0]
+    cases = [{"case": r["case"], "split": "pseudo", "score": r["score"], "labels_present": present,
+              "source_image": r["image"]} for r in sorted(rows, key=lambda r: r["case"]) if r.get("kept") in (True, "True")]
+    write_dataset_description(out, info["layout"], names, cases)
+
+
 def merge_records(out: str | os.PathLike) -> Path:
-    """Write ``scores.csv`` from every record in ``out/records`` (atomic replace)."""
+    """Write ``scores.csv`` (and, for a dataset input, the output dataset's description)
+    from every record in ``out/records`` (atomic replace)."""
     out = Path(out)
     rows = []
     for rec in sorted((out / RECORDS).glob("*.json")):
@@ -170,6 +222,7 @@ def merge_records(out: str | os.PathLike) -> Path:
         for r in sorted(rows, key=lambda r: r["case"]):
             w.writerow(r)
     os.replace(tmp, path)
+    _write_description(out, rows)
     return path
 
 
@@ -210,10 +263,28 @@ def pseudo_label_folder(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if device == "auto" and torch.cuda.is_available() and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    from ..datasets import is_dataset, read_dataset
+    from ..reference.models import model_label_map
+
     nets = load_models(models)
     out = Path(out)
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
-    mine = shard(list_cases(folder), rank, world_size)
+    layout = None
+    if is_dataset(folder):
+        ds = read_dataset(folder)
+        layout = ds.layout
+        all_cases = [(c.name, c.image) for c in ds.all_cases]
+        if layout == "nnunet":
+            (out / "imagesTr").mkdir(exist_ok=True)
+            (out / "labelsTr").mkdir(exist_ok=True)
+        if rank == 0:
+            from ..atomic import atomic_write_text
+
+            atomic_write_text(out / LAYOUT_FILE, json.dumps({"layout": layout, "source": str(ds.root),
+                                                             "label_map": {str(k): v for k, v in model_label_map(nets).items()}}))
+    else:
+        all_cases = list_cases(folder)
+    mine = shard(all_cases, rank, world_size)
     todo = [(c, p) for c, p in mine if not (out / RECORDS / f"{c}.json").is_file()]
     log.info("rank %d/%d: %d cases, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
     records = []
@@ -228,14 +299,18 @@ def pseudo_label_folder(
             continue
         res = ensemble_pseudo_label(vol.array, nets, device=device, cancel=cancel)
         kept = bool(not math.isnan(res.score) and res.score >= threshold)
-        label_file = ""
-        if kept:
+        label_file = image_file = ""
+        if kept and layout is not None:
+            img_dst, lab_dst = _layout_paths(out, layout, case, Path(path))
+            label_file = str(write_labels(res.labels, vol, lab_dst))
+            image_file = str(_place_image(Path(path), img_dst))
+        elif kept:
             label_file = str(write_labels(res.labels, vol, out / f"{case}.nii.gz"))
         rec = {
             "case": case, "image": str(path), "score": round(res.score, 6) if not math.isnan(res.score) else "nan",
             "kept": kept, "n_slices": int(vol.array.shape[0]),
             "organs": " ".join(str(c) for c in sorted(res.per_model_organ.get(0, {}))),
-            "seconds": round(time.perf_counter() - t0, 3), "label_file": label_file,
+            "seconds": round(time.perf_counter() - t0, 3), "label_file": label_file, "image_file": image_file,
         }
         _write_json_atomic(out / RECORDS / f"{case}.json", rec)
         records.append(rec)
