@@ -151,3 +151,20 @@ def test_openkbp_manifest_reads(shared_data):
     assert len(ds.cases(split="train-pats")) == 170 and len(ds.cases(split="validation-pats")) == 33
     partial = [c for c in ds.cases(split="train-pats") if len(c.present_ids(ds.label_map)) < 7]
     assert partial, "OpenKBP has cases with organs the clinic did not contour"
+
+
+def test_bench_loop_dataset_cli(tmp_path, one_torch_thread):
+    """The acceptance form of the correction-loop benchmark over a dataset folder keeps its JSON."""
+    from napari_propseg.cli import main
+
+    root = make_shared(tmp_path / "ds")
+    out = tmp_path / "loop"
+    assert main(["bench", "loop", "--dataset", str(root), "--split", "train", "--methods", "interp",
+                 "--policies", "suggest,random", "--max-rounds", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "loop.json").read_text())
+    assert [c["case"] for c in data["cases"]] == ["c0", "c1"]
+    for case in data["cases"]:
+        policies = {c["policy"] for c in case["curves"]}
+        assert policies == {"suggest", "random"}
+        for c in case["curves"]:
+            assert c["rounds"] and {"corrected", "mean_dice"} <= set(c["rounds"][0])
