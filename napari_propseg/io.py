@@ -1011,14 +1011,9 @@ def read_labels(path: str | os.PathLike, like: Volume) -> Volume:
 
     Raises:
         InputError: unreadable file, non-integral or negative values, or a grid that does
-            not cover the image. A DICOM SEG or RTSTRUCT (file, or folder holding one) is
-            read by :func:`napari_propseg.formats.read_label_object` (names in
-            ``meta['label_names']``).
+            not cover the image. (DICOM SEG and RTSTRUCT objects are read one layer up, by
+            :func:`napari_propseg.formats.read_labels`, which falls back to this function.)
     """
-    from .formats import is_label_object, read_label_object
-
-    if is_label_object(path):
-        return read_label_object(path, like)[0]
     p = Path(path).expanduser()
     img, meta = _read_sitk(p, None)
     lab = _canonicalize(img, str(p), meta)

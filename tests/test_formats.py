@@ -26,7 +26,8 @@ from napari_propseg.formats import (
     read_label_object,
 )
 from napari_propseg.formats.rtstruct import contours_to_mask, mask_to_contours
-from napari_propseg.io import read_labels, read_volume, write_labels
+from napari_propseg.formats import read_labels
+from napari_propseg.io import read_volume, write_labels
 
 NAMES = {1: "liver", 2: "spine", 3: "heart"}
 

@@ -62,7 +62,8 @@ def shared_data_dir() -> Path:
 
 
 def _flare_case(name: str, image_path: Path, seg_path: Path, map_key: str, note: str, *, organs_only: bool = True) -> BenchCase:
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
     from ..labelmap import FLARE_NAMES, map_totalsegmentator, read_label_map
 
     for p in (image_path, seg_path):
@@ -141,7 +142,8 @@ def dataset_case(dataset, case) -> BenchCase:
     Only the organs the case lists as present keep their ids (PROTOCOL.md section 4):
     the others are unknown there, so they are neither seeded nor scored.
     """
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
 
     ct = read_volume(case.image)
     lab = np.asarray(read_labels(case.labels, like=ct).array)

@@ -47,6 +47,8 @@ from .protocol import (
     make_seeds,
     make_stcn_engine,
     save_figure,
+    start_slices,
+    volume_mean_dice,
     write_report,
 )
 
@@ -57,22 +59,6 @@ LOOP_METHODS = ("stcn", "interp")
 DEFAULT_TARGETS = (0.90, 0.95)
 
 EngineFactory = Callable[[str], Any]
-
-
-def start_slices(gt: np.ndarray, k: int) -> list[int]:
-    """k evenly spaced slices over the foreground extent (numpy rounding), deduplicated."""
-    z_lo, z_hi = foreground_extent(gt)
-    if k < 1:
-        raise InputError(f"k = {k} starting slices makes no sense; pass k >= 1.")
-    if k == 1:
-        return [int(np.rint((z_lo + z_hi) / 2))]
-    return sorted({int(z) for z in np.rint(np.linspace(z_lo, z_hi, k))})
-
-
-def volume_mean_dice(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int]) -> float:
-    """Mean over ``labels`` of each label's Dice over the whole volume."""
-    d = dice_per_label(pred, gt, labels)
-    return float(np.mean([d[int(i)] for i in labels])) if len(labels) else math.nan
 
 
 def slice_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

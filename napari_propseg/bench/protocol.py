@@ -124,6 +124,22 @@ def reference_slices(gt: np.ndarray, k: int) -> list[int]:
     return sorted(ref)
 
 
+def start_slices(gt: np.ndarray, k: int) -> list[int]:
+    """k evenly spaced slices over the foreground extent (numpy rounding), deduplicated."""
+    z_lo, z_hi = foreground_extent(gt)
+    if k < 1:
+        raise InputError(f"k = {k} starting slices makes no sense; pass k >= 1.")
+    if k == 1:
+        return [int(np.rint((z_lo + z_hi) / 2))]
+    return sorted({int(z) for z in np.rint(np.linspace(z_lo, z_hi, k))})
+
+
+def volume_mean_dice(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean over ``labels`` of each label's Dice over the whole volume."""
+    d = dice_per_label(pred, gt, labels)
+    return float(np.mean([d[int(i)] for i in labels])) if len(labels) else math.nan
+
+
 def make_seeds(gt: np.ndarray, ref: Iterable[int]) -> np.ndarray:
     """Seed volume: GT on the slices of ``ref`` (all labels), zeros elsewhere. Shape of gt."""
     gt = _check_gt(gt)
@@ -819,8 +835,6 @@ def run_speed(
     """
     import torch
 
-    from .loop import start_slices
-
     gt = _check_gt(gt)
     if threads is not None and str(device) == "cpu":
         torch.set_num_threads(int(threads))
@@ -852,8 +866,6 @@ def run_speed(
         t0 = time.perf_counter()
         res2 = engine.repropagate(labels, new_anchors, changed=[zc])
         t_re = time.perf_counter() - t0
-    from .loop import volume_mean_dice
-
     present = [int(v) for v in np.unique(gt) if v != 0]
     out = {
         "case": case, "shape": list(gt.shape), "method": method, "device": str(device),

@@ -240,7 +240,8 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
         check_output_path(args.json, inputs=(args.image, args.labels), what="speed JSON")
     device = _device(args.device)
     if args.image:
-        from ..io import read_labels, read_volume
+        from ..formats import read_labels
+        from ..io import read_volume
 
         vol = read_volume(args.image)
         gt = read_labels(args.labels, like=vol)

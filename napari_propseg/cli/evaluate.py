@@ -118,7 +118,8 @@ def evaluate(pred: str | Path, gt: str | Path, out: str | Path, *, label_names: 
     predicted classes without a counterpart in that map are then left out of the scores.
     """
     from ..atomic import check_output_path
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
     from ..labelmap import relabel, translate_by_name
     from ..metrics import DEFAULT_TOLERANCE_MM, MetricAccumulator
 

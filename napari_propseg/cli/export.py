@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     """Read IMAGE and LABELS, export, print what was written and what was left out."""
     from ..atomic import check_output_path
     from ..formats import export, format_from_path
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
     from ..labelmap import read_label_map
 
     fmt = format_from_path(args.out, args.format)

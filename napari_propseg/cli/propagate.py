@@ -16,7 +16,8 @@ from typing import TextIO
 import numpy as np
 
 from ..errors import InputError
-from ..io import read_labels, read_volume, write_labels
+from ..formats import read_labels
+from ..io import read_volume, write_labels
 from ..propagation.appearance import AppearanceOptions
 from ..propagation.engine import METHODS, NETWORK_WEIGHT, PropagationEngine
 

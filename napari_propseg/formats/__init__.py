@@ -299,6 +299,18 @@ def _pick_object(folder: Path, like) -> tuple[Path, str]:
     return found[0]
 
 
+def read_labels(path: str | os.PathLike, like):
+    """Read any label file onto ``like``'s grid: a DICOM SEG or RTSTRUCT (file, or a folder
+    holding one; names in ``meta['label_names']``) through :func:`read_label_object`,
+    anything else (NIfTI, NRRD, MHA, a DICOM label series) through
+    :func:`napari_propseg.io.read_labels`. Returns a Volume; raises InputError."""
+    if is_label_object(path):
+        return read_label_object(path, like)[0]
+    from ..io import read_labels as read_label_image
+
+    return read_label_image(path, like)
+
+
 def read_label_object(path: str | os.PathLike, like) -> tuple:
     """Read a DICOM SEG or RTSTRUCT (file, or a folder holding one) onto ``like``'s grid.
 

@@ -298,7 +298,8 @@ def _label_table(label_names: str, labels_path: str) -> dict[int, str] | None:
 
 def load_case(case: Mapping[str, Any], resolution: int, *, crop: str = "body") -> CaseData:
     """Read, map to FLARE ids and preprocess one ``{image, labels, label_names}`` entry."""
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
     from ..labelmap import map_totalsegmentator
 
     vol = read_volume(case["image"])

@@ -206,7 +206,8 @@ def expand_entries(entries: list, base: Path, *, with_labels: bool) -> list[dict
 
 
 def _load_case(entry: dict, base: Path, num_classes: int, *, with_labels: bool) -> Case:
-    from ..io import read_labels, read_volume
+    from ..formats import read_labels
+    from ..io import read_volume
     from ..labelmap import map_totalsegmentator, read_label_map, totalsegmentator_to_flare
 
     if "image" not in entry:
