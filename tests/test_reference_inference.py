@@ -100,8 +100,12 @@ def test_ensemble_sums_probabilities():
             return torch.stack([torch.full_like(out[:, 0], self.scale), out[:, 1] * 0, out[:, 2] * 0], 1)
 
     # a confident organ vote outweighs an unsure background vote...
-    s = suggest_slices(hu, [sure, Flipped(40, scale=0.1)], k=1, device="cpu")
+    s = suggest_slices(hu, [sure, Flipped(40, scale=0.1)], k=1, device="cpu", min_agreement=0)
     assert s.labels[s.slices[0]].max() == 1
+    # ...unless the two networks' masks disagree strongly: then the organ is left out of
+    # the slice and the suggestion says so
+    s = suggest_slices(hu, [sure, Flipped(40, scale=0.1)], k=1, device="cpu")
+    assert s.labels.max() == 0 and s.dropped == {s.slices[0]: [1]}
     # ...and a confident background vote outweighs an unsure organ vote
     s = suggest_slices(hu, [unsure, Flipped(40)], k=1, device="cpu")
     assert s.labels.max() == 0
@@ -114,7 +118,7 @@ def test_cancel_stops():
 
 def test_default_weights_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
-    with pytest.raises(InputError, match="No reference weights"):
+    with pytest.raises(InputError, match="No reference model .abdomen."):
         suggest_slices(_volume(), None, k=2, device="cpu")
     torch.manual_seed(0)
     for preset in ("transunet-tiny", "deeplabv3plus-tiny"):
