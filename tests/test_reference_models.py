@@ -189,3 +189,44 @@ def test_bench_segment_over_a_dataset_matches_by_name(monkeypatch, tmp_path):
     assert by["b"]["dice"] == pytest.approx({"liver": 1.0})  # bone is predicted there but not scored
     assert res["per_organ"]["bone"]["n"] == 1 and res["mean_dice"] == pytest.approx(1.0)
     assert "| liver | 1.000 | 2 |" in (out / "segment.md").read_text()
+
+
+def test_min_agreement_comes_from_the_model_folder(monkeypatch, tmp_path):
+    folder = _tiny_model_folder(tmp_path)
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
+    assert find_model("tiny").min_agreement == 0.1
+    (folder / "model.json").write_text(json.dumps({"region": "test", "min_agreement": 0.0}))
+    assert find_model("tiny").min_agreement == 0.0
+    sug = suggest_slices(np.random.default_rng(0).normal(0, 300, (6, 32, 32)), None, k=6, device="cpu", model="tiny")
+    assert sug.dropped == {}
+
+
+def test_keep_largest_component():
+    from napari_propseg.reference.models import keep_largest_component
+
+    lab = np.zeros((6, 10, 10), np.uint8)
+    lab[1:4, 1:4, 1:4] = 1
+    lab[5, 8, 8] = 1  # a speck away from the organ
+    lab[0:2, 6:9, 0:2] = 2
+    out = keep_largest_component(lab.copy())
+    assert out[5, 8, 8] == 0 and (out == 1).sum() == 27 and (out == 2).sum() == (lab == 2).sum()
+
+
+def test_segment_defaults_from_the_model(monkeypatch, tmp_path):
+    """segment_k 'all' runs the pair on every slice (no propagation); largest_component cleans specks."""
+    from napari_propseg.cli.segment import segment
+
+    folder = _tiny_model_folder(tmp_path)
+    (folder / "model.json").write_text(json.dumps({"region": "test", "segment_k": "all", "min_agreement": 0.0,
+                                                   "largest_component": True}))
+    monkeypatch.setenv("PROPSEG_MODELS", str(tmp_path))
+    ct = np.random.default_rng(1).normal(0, 400, (5, 32, 32))
+    labels, sug = segment(ct, model="tiny", device="cpu", method="interp")
+    assert sug.slices == list(range(5))
+    from scipy import ndimage
+
+    for i in np.unique(labels):
+        if i:
+            assert ndimage.label(labels == i, structure=np.ones((3, 3, 3)))[1] == 1
+    with pytest.raises(InputError, match="'all'"):
+        segment(ct, model="tiny", device="cpu", k="most")

@@ -156,14 +156,15 @@ def dataset_case(dataset, case) -> BenchCase:
 
 
 def iter_dataset_cases(path: str | os.PathLike, *, split: str | None = None, names: Sequence[str] | None = None,
-                       limit: int | None = None):
+                       limit: int | None = None, skip: int = 0):
     """Yield the labelled cases of a dataset folder one at a time (memory stays one case).
 
     Args:
         path: dataset folder (nnU-Net raw or shared layout).
         split: only this split (e.g. ``validation-pats``); None = every labelled case.
         names: only these cases.
-        limit: at most this many cases (in the dataset's order).
+        limit: at most this many cases (in the dataset's order), after ``skip``.
+        skip: leave out the first ``skip`` cases (e.g. the ones used to tune a choice).
 
     Raises:
         InputError: a bad folder or no labelled case.
@@ -171,7 +172,7 @@ def iter_dataset_cases(path: str | os.PathLike, *, split: str | None = None, nam
     from ..datasets import read_dataset
 
     ds = read_dataset(path)
-    cases = ds.cases(split=split, labeled=True, names=names)
+    cases = ds.cases(split=split, labeled=True, names=names)[int(skip):]
     if limit is not None:
         cases = cases[: int(limit)]
     if not cases:

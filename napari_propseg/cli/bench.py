@@ -57,6 +57,8 @@ def _common(p: argparse.ArgumentParser, *, cases_default: str) -> None:
     p.add_argument("--split", metavar="NAME", default=None,
                    help="with --dataset: only the cases of this split (e.g. validation-pats); default every labelled case")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --dataset: at most N cases")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="with --dataset: leave out the first N cases (e.g. those a choice was tuned on)")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda for STCN (default cpu)")
     p.add_argument("--weights", default=None, metavar="PATH", help="STCN weight file (default: the shipped weights)")
 
@@ -127,10 +129,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pg.add_argument("--dataset", metavar="DIR", required=True, help="dataset folder (nnU-Net raw or CASE_ct/CASE_labels layout)")
     pg.add_argument("--split", metavar="NAME", default=None, help="only the cases of this split (e.g. validation-pats)")
     pg.add_argument("--limit", type=int, default=None, metavar="N", help="at most N cases")
+    pg.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N cases (e.g. those a choice was tuned on)")
     pg.add_argument("--model", metavar="NAME", default=None, help="installed reference model (default abdomen)")
     pg.add_argument("--weights", metavar="FILE", nargs="+", default=None, help="reference weight files instead of --model")
     pg.add_argument("--k", type=int, default=None, help="reference slices (default: the segment command's default)")
     pg.add_argument("--method", default="interp", help="propagation method (default interp)")
+    pg.add_argument("--min-agreement", type=float, default=None, metavar="D",
+                    help="leave an organ out of a suggested slice when the two networks' masks overlap with Dice below D "
+                    "(default: the model's setting)")
     pg.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
     pg.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pg.set_defaults(func=run_segment_cmd)
@@ -150,8 +156,8 @@ def _cases(args):
     if args.dataset:
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be at least 1, got {args.limit}.")
-        return iter_dataset_cases(args.dataset, split=args.split, limit=args.limit)
-    if args.split or args.limit is not None:
+        return iter_dataset_cases(args.dataset, split=args.split, limit=args.limit, skip=args.skip)
+    if args.split or args.limit is not None or args.skip:
         raise InputError("--split and --limit go with --dataset DIR; pass a dataset folder.")
     return load_cases(_str_list(args.cases), data_dir=args.data,
                       phantom_shape=_shape(args.phantom_shape, "--phantom-shape"),
@@ -272,11 +278,15 @@ def run_segment_cmd(args: argparse.Namespace) -> int:
     if args.k is not None and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
     out = _out_dir(args.out)
-    res = run_segment_dataset(iter_dataset_cases(args.dataset, split=args.split, limit=args.limit), model=args.model,
-                              weights=args.weights, k=args.k, method=args.method, device=_device(args.device), progress=_bar)
+    if args.skip < 0:
+        raise InputError(f"--skip must be 0 or more, got {args.skip}.")
+    res = run_segment_dataset(iter_dataset_cases(args.dataset, split=args.split, limit=args.limit, skip=args.skip), model=args.model,
+                              weights=args.weights, k=args.k, method=args.method, device=_device(args.device), progress=_bar,
+                              min_agreement=args.min_agreement)
     res["machine"] = machine_description()
     res["dataset"] = str(args.dataset)
     res["split"] = args.split
+    res["skip"] = args.skip
     write_json(res, out / "segment.json")
     from ..atomic import atomic_write_text
 

@@ -10,10 +10,21 @@ import argparse
 import inspect
 import logging
 
+import numpy as np
+
 from ..errors import InputError
 from .suggest import add_model_args, label_map_path, report_left_out, stderr_bar, write_suggestion
 
 log = logging.getLogger(__name__)
+
+
+def _k_arg(text: str):
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'all'") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,7 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("image", metavar="IMAGE", help="CT file or DICOM series folder")
     p.add_argument("--out", metavar="OUT", required=True, help="label file to write (.nii.gz, .nii or .nrrd)")
-    p.add_argument("--k", type=int, default=None, help="number of uniformly spaced reference slices (default: min(Z // 5, 64))")
+    p.add_argument("--k", type=_k_arg, default=None,
+                   help="number of uniformly spaced reference slices, or 'all' (default: the model's setting, else min(Z // 5, 64))")
+    p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
+                   help="keep each organ's largest 3-D connected piece (default: the model's setting)")
+    p.add_argument("--all-components", dest="largest_component", action="store_false",
+                   help="keep every piece of each organ")
     p.add_argument("--scan", type=int, default=None, metavar="N",
                    help="also look at every N-th slice for each organ's largest slice")
     p.add_argument("--method", default="interp", help="propagation method: interp (signed-distance interpolation guided by the CT intensities, the weight chosen per volume; default: as accurate as the shipped starter STCN weights on real CT, in a fraction of the time) or stcn (memory network)")
@@ -38,24 +54,49 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", spacing=None, progress=None, cancel=None,
-            model=None):
-    """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``."""
-    from ..reference.inference import suggest_slices
+            model=None, min_agreement=None, largest_component=None):
+    """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``.
 
-    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel, model=model)
+    ``k`` and ``largest_component`` default to the installed model's ``segment_k`` and
+    ``largest_component`` (``model.json``) when ``weights`` is None; ``k="all"`` runs the
+    reference pair on every slice (propagation then has nothing left to fill).
+    """
+    from ..reference.inference import suggest_slices
+    from ..reference.models import find_model, keep_largest_component
+
+    n_slices = int(getattr(volume_hu, "shape", (0,))[0])
     try:
+        info = find_model(model) if weights is None else None
+    except InputError:  # an old flat models/reference/*.pt folder: no model settings
+        info = None
+    if info is not None:
+        if k is None and info.segment_k is not None:
+            k = info.segment_k
+        if largest_component is None:
+            largest_component = info.largest_component
+    if isinstance(k, str):
+        if k.lower() != "all":
+            raise InputError(f"k must be a number of slices or 'all', got {k!r}.")
+        k = max(n_slices, 1)
+
+    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel, model=model,
+                         min_agreement=min_agreement)
+    if len(sug.slices) >= n_slices:  # every slice was segmented: nothing to propagate
+        labels = sug.labels.copy()
+    else:
         from ..propagation.engine import PropagationEngine
-    except ImportError as exc:  # pragma: no cover - only before the engine exists
-        raise InputError(f"The propagation engine is not available ({exc}); use 'propseg suggest' instead.") from exc
-    engine = PropagationEngine(volume_hu, method=method, device=device, spacing=spacing)
-    kwargs = {}
-    params = inspect.signature(engine.propagate).parameters
-    if "progress" in params:
-        kwargs["progress"] = progress
-    if "cancel" in params:
-        kwargs["cancel"] = cancel
-    result = engine.propagate(sug.labels, list(sug.slices), **kwargs)
-    labels = getattr(result, "labels", result)  # PropagationResult.labels (Z, Y, X)
+
+        engine = PropagationEngine(volume_hu, method=method, device=device, spacing=spacing)
+        kwargs = {}
+        params = inspect.signature(engine.propagate).parameters
+        if "progress" in params:
+            kwargs["progress"] = progress
+        if "cancel" in params:
+            kwargs["cancel"] = cancel
+        result = engine.propagate(sug.labels, list(sug.slices), **kwargs)
+        labels = getattr(result, "labels", result)  # PropagationResult.labels (Z, Y, X)
+    if largest_component:
+        labels = keep_largest_component(np.array(labels, copy=True))
     return labels, sug
 
 
@@ -68,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                   (args.seeds, "seed label file"), (args.seeds and slices_json_path(args.seeds), "slices JSON"),
                   (args.seeds and label_map_path(args.seeds), "label map"), inputs=(args.image, *(args.weights or ())))
 
-    if args.k is not None and args.k < 1:
+    if isinstance(args.k, int) and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
     from ..labelmap import write_label_map
 
@@ -76,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("Pass either --model or --weights, not both.")
     vol = read_volume(args.image, series_uid=args.series)
     labels, sug = segment(vol.array, weights=args.weights, k=args.k, scan=args.scan, method=args.method, spacing=vol.spacing,
-                          device=args.device, progress=stderr_bar, model=args.model)
+                          device=args.device, progress=stderr_bar, model=args.model,
+                          min_agreement=args.min_agreement, largest_component=args.largest_component)
     if args.seeds:
         write_suggestion(sug, vol, args.seeds, args.weights)
     path = write_labels(labels, vol, args.out)

@@ -256,7 +256,7 @@ def suggest_slices(
     cancel: CancelFn = None,
     model: str | None = None,
     body_only: bool = True,
-    min_agreement: float = 0.1,
+    min_agreement: float | None = None,
 ) -> Suggestion:
     """Segment k uniformly sampled slices with the ensemble and suggest reference slices.
 
@@ -276,6 +276,7 @@ def suggest_slices(
         body_only: nothing is suggested outside the patient's body (:func:`body_mask`).
         min_agreement: an organ whose two networks' masks overlap with Dice below this on
             a slice is left out of that slice (listed in ``Suggestion.dropped``); 0 keeps all.
+            Default: the installed model's ``min_agreement`` (``model.json``), else 0.1.
 
     Returns:
         :class:`Suggestion` with the union of the uniform slices and, per organ, the sampled
@@ -286,6 +287,16 @@ def suggest_slices(
     """
     hu = _as_hu(volume_hu)
     nets = load_models(models, model=model)
+    from .models import find_model, model_label_map
+
+    info = None
+    if models is None:
+        try:
+            info = find_model(model)
+        except InputError:  # an old flat folder of weights
+            info = None
+    if min_agreement is None:
+        min_agreement = info.min_agreement if info is not None else 0.1
     z_total = hu.shape[0]
     if k is None:
         k = default_k(z_total)
@@ -323,14 +334,6 @@ def suggest_slices(
     for z in chosen:
         labels[z] = pred[index[z]]
     log.info("suggested %d slices (%d sampled) in %.2f s", len(chosen), len(sampled), seconds)
-    from .models import find_model, model_label_map
-
-    info = None
-    if models is None:
-        try:
-            info = find_model(model)
-        except InputError:
-            info = None
     return Suggestion(chosen, labels, per_organ_best, sampled, areas, seconds, processed, agreement,
                       {z: d for z, d in dropped.items() if z in set(chosen)}, model_label_map(nets, info))
 

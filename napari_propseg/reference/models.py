@@ -4,7 +4,13 @@ A model folder holds the CPS pair (two ``*.pt`` weight files), the training conf
 (``train.yaml``), a model card (``card.md``), the label map (``labels.json``, id -> name)
 and ``model.json`` (``region``, ``description``, ``training_data``). Names follow
 TotalSegmentator's tasks: ``abdomen`` (the default) and ``head_neck``.
-``$PROPSEG_MODELS`` moves the whole ``models/`` folder.
+``$PROPSEG_MODELS`` moves the whole ``models/`` folder. ``model.json`` may also set
+``min_agreement``: the Dice between the two networks' masks of an organ on a slice below
+which the organ is left out of that slice (default 0.1; 0 keeps every organ); and the
+defaults of ``propseg segment`` with this model: ``segment_k`` (reference slices: a number,
+``"all"`` for every slice, or null for ``min(Z // 5, 64)``) and ``largest_component``
+(keep each organ's largest 3-D connected piece). All are chosen per model on its tuning
+cases (see its card).
 
 Example:
     >>> [m.name for m in list_models()]   # doctest: +SKIP
@@ -36,6 +42,9 @@ class ReferenceModel:
     region: str = ""
     description: str = ""
     training_data: str = ""
+    min_agreement: float = 0.1
+    segment_k: str | int | None = None
+    largest_component: bool = False
 
     @property
     def card(self) -> Path | None:
@@ -77,7 +86,9 @@ def _load(folder: Path) -> ReferenceModel | None:
         labels = {int(k): str(v) for k, v in raw.items() if str(k).lstrip("-").isdigit()}
     info = _read_json(folder / "model.json") if (folder / "model.json").is_file() else {}
     return ReferenceModel(folder.name, folder, weights, labels, str(info.get("region", "")),
-                          str(info.get("description", "")), str(info.get("training_data", "")))
+                          str(info.get("description", "")), str(info.get("training_data", "")),
+                          float(info.get("min_agreement", 0.1)), info.get("segment_k"),
+                          bool(info.get("largest_component", False)))
 
 
 def list_models() -> list[ReferenceModel]:
@@ -120,3 +131,28 @@ def model_label_map(nets, model: ReferenceModel | None = None) -> dict[int, str]
             return {int(k): str(v) for k, v in names.items()}
     n_cls = int(nets[0].config["num_classes"]) if nets else 0
     return {0: "background", **{i: f"label_{i}" for i in range(1, n_cls)}}
+
+
+def keep_largest_component(labels, ids=None):
+    """Keep, for each organ id, only its largest 3-D connected piece (26-connectivity).
+
+    Args:
+        labels: ``(Z, Y, X)`` integer labels (changed in place and returned).
+        ids: organ ids to clean (default: every id > 0 present).
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    ids = [int(i) for i in np.unique(labels) if i > 0] if ids is None else list(ids)
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for i in ids:
+        mask = labels == i
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        labels[mask & (comp != int(np.argmax(sizes)))] = 0
+    return labels
