@@ -179,7 +179,8 @@ def test_cli_rejects_a_negative_image_weight(tmp_path, capsys):
 
 def test_weight_chosen_per_volume_on_the_anchors(monkeypatch):
     """Leave-one-anchor-out: where the image tracks the organ the image weight wins, where
-    the labels do not follow the image (noise) shapes alone win; repropagate keeps it."""
+    the labels do not follow the image (noise) shapes alone win; repropagate keeps it until
+    the anchors have grown by half."""
     from napari_propseg.propagation.appearance import choose_weight
 
     vol, gt, _, _ = _bending_organ(depth=11)
@@ -206,15 +207,27 @@ def test_weight_chosen_per_volume_on_the_anchors(monkeypatch):
     current = before.copy()
     current[5] = gt[5]
     res = eng.repropagate(current, [0, 5, 8, 10], changed=[5])
-    # chosen again from all four anchors: the triples (0,5,8) and (5,8,10) are new (the old
-    # (0,8,10) is gone), plus the two gaps (0,5) and (5,8) recomputed = 4 intensity models
-    assert len(calls) == 4
-    assert (eng.image_weight, eng.image_weight_scores) == choose_weight(vol, seeds, [0, 5, 8, 10], SPACING, AppearanceOptions())
+    # one more anchor (3 -> 4 labelled, under REWEIGH_GROWTH): the volume's weight is kept,
+    # only the two gaps (0,5) and (5,8) are recomputed = 2 intensity models
+    assert len(calls) == 2
+    assert (eng.image_weight, eng.image_weight_scores) == (w, scores)
     assert res.computed == [1, 2, 3, 4, 6, 7]  # only the gaps next to slice 5
     np.testing.assert_array_equal(res.labels[9], before[9])
+    # with that weight, the re-propagated gaps are those of a full propagation
+    full = PropagationEngine(vol, method="interp", spacing=SPACING, appearance={"weight": w}).propagate(current, [0, 5, 8, 10])
+    np.testing.assert_array_equal(res.labels, full.labels)
     calls.clear()
-    eng.repropagate(res.labels, [0, 5, 8, 10], changed=[5])
-    assert len(calls) == 2  # the same anchors again: both triples come from the cache
+    current = res.labels.copy()
+    current[2] = gt[2]
+    seeds[2] = gt[2]
+    eng.repropagate(current, [0, 2, 5, 8, 10], changed=[2])
+    # 5 labelled anchors >= 1.5 x 3: chosen again from all of them (the triples (0,2,5), (2,5,8),
+    # (5,8,10)), then the gaps (0,2) and (2,5)
+    assert len(calls) == 5
+    assert (eng.image_weight, eng.image_weight_scores) == choose_weight(vol, seeds, [0, 2, 5, 8, 10], SPACING, AppearanceOptions())
+    calls.clear()
+    eng.propagate(current, [0, 2, 5, 8, 10])  # a full propagation chooses again: every triple from the cache
+    assert len(calls) == 4  # the four gaps
     fixed = PropagationEngine(vol, method="interp", spacing=SPACING, appearance={"weight": 0.25})
     fixed.propagate(seeds, anchors)
     assert fixed.image_weight == 0.25 and fixed.image_weight_scores == {}
@@ -267,3 +280,99 @@ def test_islands_away_from_the_prior_are_dropped_a_moved_organ_is_kept():
     d[1, 17, 17] = -1.0
     out = drop_islands(idx, d)
     assert out[17, 17] == 2 and not (out[2:5, 14:17] == 2).any()
+
+
+def _several_organs(depth=9, size=96):
+    """Three organs of different density that move and change size, one ending mid-way,
+    in noisy fat, plus a look-alike: a workout for the per-label boxes."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:size, :size]
+    vol = rng.normal(-100, 15, (depth, size, size)).astype(np.float32)
+    gt = np.zeros(vol.shape, np.uint8)
+    for z in range(depth):
+        for lab, (cy, cx, r, hu) in enumerate([(30, 25 + z, 9, 60), (34, 44 + z // 2, 6 + z // 3, 150), (70, 60, 12 - z, 20)], 1):
+            if r > 0:
+                disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                vol[z][disc] = rng.normal(hu, 15, disc.sum())
+                gt[z][disc] = lab
+        vol[z][(yy - 85) ** 2 + (xx - 15) ** 2 <= 25] = 60.0
+    return vol, gt
+
+
+def test_the_numpy_fusion_gives_the_torch_fusions_labels():
+    """:class:`~napari_propseg.propagation.gap.GuidedGap` (no normalisation, each label in
+    its own box) labels every pixel as the whole-slice torch fusion does
+    (``guided_indices``), for several weights and softnesses."""
+    import torch
+
+    from napari_propseg.propagation.appearance import LOGLIK_SPAN, guided_indices
+    from napari_propseg.propagation.gap import GuidedGap
+    from napari_propseg.propagation.interp import _bracket_sdf
+
+    vol, gt = _several_organs()
+    a, b = 0, 8
+    ids = [1, 2, 3]
+    opt = AppearanceOptions()
+    model = GapAppearance(vol[a], vol[b], gt[a], gt[b], ids, 1.0, opt)
+    sdfs = [_bracket_sdf(gt[a] == i, gt[b] == i) for i in ids]
+    for weight in (0.25, 1.0, 3.0):
+        for z in (1, 4, 6):
+            wa = (b - z) / (b - a)
+            tau = tau_pixels(opt, z, a, b, SPACING)
+            d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
+            ref = guided_indices(d, vol[z], model, wa, tau, weight)
+            g = GuidedGap(gt[a], gt[b], ids, LOGLIK_SPAN * weight, tau)
+            got = np.zeros_like(ref)
+            y0, y1, x0, x1 = g.union
+            got[y0:y1, x0:x1] = g.fill(wa, tau, vol[z], model.log_table(wa), [weight])[0]
+            assert (got != ref).sum() <= 2, (weight, z, (got != ref).sum())  # float ties at most
+            if weight <= 1.0:  # real crops (at the candidates' weights)
+                assert min((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in g.boxes) < 96 * 96
+
+
+def test_each_gap_weight_depends_only_on_its_neighbourhood(monkeypatch):
+    """Per-gap weights: a correction recomputes only the triples its two gaps need, leaves
+    the weights of the far gaps as they were, and the re-propagated gaps equal those of a
+    fresh full propagation with the same anchors."""
+    import napari_propseg.propagation.appearance as app
+    from napari_propseg.propagation import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "WEIGHT_SCOPE", "gap")
+    vol, gt = _several_organs(depth=25)
+    anchors = [0, 6, 12, 18, 24]
+    seeds = np.zeros_like(gt)
+    seeds[anchors] = gt[anchors]
+    eng = PropagationEngine(vol, method="interp", spacing=SPACING)
+    first = eng.propagate(seeds, anchors)
+    assert set(eng.gap_weights) == {(0, 6), (6, 12), (12, 18), (18, 24)}
+    before = dict(eng.gap_weights)
+    calls = []
+    real = app._triple_counts
+    monkeypatch.setattr(app, "_triple_counts", lambda *a, **k: calls.append(a[2:5]) or real(*a, **k))
+    labels = first.labels.copy()
+    labels[9] = gt[9]
+    new = sorted(anchors + [9])
+    res = eng.repropagate(labels, new, changed=[9])
+    assert res.computed == [7, 8, 10, 11]  # only the gaps next to slice 9
+    assert sorted(calls) == [(0, 6, 9), (6, 9, 12), (9, 12, 18)]  # only the triples those gaps need
+    assert eng.gap_weights[(12, 18)] == before[(12, 18)] and eng.gap_weights[(18, 24)] == before[(18, 24)]
+    for z in range(25):
+        if z not in res.computed:
+            np.testing.assert_array_equal(res.labels[z], labels[z])
+    fresh = PropagationEngine(vol, method="interp", spacing=SPACING).propagate(labels, new)
+    np.testing.assert_array_equal(res.labels[7:12], fresh.labels[7:12])
+
+
+def test_volume_scope_keeps_one_weight(monkeypatch):
+    from napari_propseg.propagation import engine as engine_mod
+    from napari_propseg.propagation.appearance import choose_weight
+
+    monkeypatch.setattr(engine_mod, "WEIGHT_SCOPE", "volume")
+    vol, gt = _several_organs(depth=25)
+    anchors = [0, 6, 12, 18, 24]
+    seeds = np.zeros_like(gt)
+    seeds[anchors] = gt[anchors]
+    eng = PropagationEngine(vol, method="interp", spacing=SPACING)
+    eng.propagate(seeds, anchors)
+    assert eng.gap_weights == {}
+    assert (eng.image_weight, eng.image_weight_scores) == choose_weight(vol, seeds, anchors, SPACING, AppearanceOptions())

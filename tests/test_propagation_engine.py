@@ -111,8 +111,11 @@ def test_repropagate_touches_only_the_affected_range(weights, method):
     for z in range(16):
         if z not in res.computed:
             assert np.array_equal(res.labels[z], edited[z])
-    # the recomputed range equals what a full propagation with the same anchors gives
-    full = eng.propagate(edited, anchors)
+    # the recomputed range equals what a full propagation with the same anchors gives (with
+    # the image weight the re-propagation kept: one more anchor does not choose it again)
+    ref = _engine(vol, weights, method=method)
+    ref._choose_image_weight = lambda *a, **k: setattr(ref, "image_weight", eng.image_weight)
+    full = ref.propagate(edited, anchors)
     for z in res.computed:
         assert np.array_equal(res.labels[z], full.labels[z])
     # a changed outermost anchor re-runs the outward part too
@@ -449,3 +452,62 @@ def test_outward_confidence_falls_toward_where_the_labels_stop_and_stale_passes_
     edited[6] = np.roll(lab[6], 1, axis=0)
     eng.propagate(edited, [6])
     assert len(eng._passes) == 2 and all(k[-1] == engine_mod._slice_digest(edited[6], np.array([], np.int64)) for k in eng._passes)
+
+
+def test_left_empty_names_the_slices_interp_does_not_reach(weights):
+    """interp leaves the slices beyond the outermost anchors empty and says which (those
+    where a label runs on to that anchor); STCN propagates there, so it names none."""
+    vol, lab, _ = _case(depth=12, anchors=(2, 6, 9))
+    res = PropagationEngine(vol, method="interp").propagate(lab, [2, 6, 9])
+    assert res.left_empty == [0, 1, 10, 11]
+    assert not res.labels[res.left_empty].any()
+    top_empty = lab.copy()
+    top_empty[9] = 0  # "no organ here" on the highest anchor: nothing runs on above it
+    eng = PropagationEngine(vol, method="interp")
+    assert eng.propagate(top_empty, [2, 6, 9]).left_empty == [0, 1]
+    locked_only = lab.copy()
+    locked_only[2][locked_only[2] != 0] = 2  # the lowest anchor holds only a locked label
+    assert eng.propagate(locked_only, [2, 6, 9], locked_labels=[2]).left_empty == [10, 11]
+    again = eng.repropagate(lab, [2, 6, 9], changed=[6])  # the whole returned volume counts
+    assert again.computed == [3, 4, 5, 7, 8] and again.left_empty == [0, 1, 10, 11]
+    assert _engine(vol, weights).propagate(lab, [2, 6, 9]).left_empty == []
+
+
+def test_one_correction_recomputes_only_the_gaps_next_to_it():
+    """After one corrected slice the re-propagation computes the two gaps next to it and
+    nothing else, also with the automatic image weight (kept for the volume), and those
+    gaps are what a full propagation with that weight gives."""
+    vol, lab, _ = _case(depth=30, shape=(40, 36), anchors=(1, 6, 11, 16, 21, 26))
+    vol[lab > 0] += 300.0  # organs the image can see
+    anchors = [1, 6, 11, 16, 21, 26]
+    eng = PropagationEngine(vol, method="interp", spacing=(2.0, 1.0, 1.0))
+    first = eng.propagate(lab, anchors)
+    w = eng.image_weight
+    edited = first.labels.copy()
+    edited[13] = 0
+    edited[13, 5:14, 3:11] = 1
+    res = eng.repropagate(edited, sorted(anchors + [13]), changed=[13])
+    assert res.computed == [12, 14, 15]
+    assert eng.image_weight == w
+    unchanged = [z for z in range(30) if z not in res.computed]
+    np.testing.assert_array_equal(res.labels[unchanged], edited[unchanged])
+    fixed = PropagationEngine(vol, method="interp", spacing=(2.0, 1.0, 1.0), appearance={"weight": w})
+    np.testing.assert_array_equal(res.labels[12:16], fixed.propagate(edited, sorted(anchors + [13])).labels[12:16])
+
+
+def test_interp_needs_no_torch(tmp_path):
+    """``interp`` (engine, package import) runs without importing torch, so the CLI starts fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from napari_propseg.propagation import PropagationEngine\n"
+        "vol = np.zeros((5, 16, 16), np.float32); lab = np.zeros((5, 16, 16), np.uint8)\n"
+        "lab[0, 4:8, 4:8] = 1; lab[4, 5:9, 5:9] = 1\n"
+        "res = PropagationEngine(vol, method='interp').propagate(lab, [0, 4])\n"
+        "assert res.labels[2].any()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr

@@ -6,12 +6,21 @@
 * :mod:`.engine` - :class:`PropagationEngine` (propagate, repropagate, suggest_next),
 * :mod:`.interp` - classical methods: SDF interpolation and copy-nearest,
 * :mod:`.appearance` - image-guided fusion between anchors (SDF shape prior x CT intensity
-  model, the image weight chosen per volume by leave-one-anchor-out).
+  model, the image weight chosen per gap by leave-one-anchor-out),
+* :mod:`.gap` - that fusion on the slices of one gap, in numpy (no torch).
+
+Names are imported on first use, so importing the package does not import torch.
 """
-from .engine import PropagationEngine, PropagationResult, default_weights_path
-from .interp import copy_nearest, sdf_interpolate
-from .memory import MemoryBank
-from .network import CPU_CONFIG, DEFAULT_CONFIG, STCN, build_stcn, load_stcn
+import importlib
+
+#: where each public name lives; imported on first use (the network modules need torch,
+#: which ``interp`` and ``propseg info`` do without)
+_WHERE = {
+    "PropagationEngine": "engine", "PropagationResult": "engine", "default_weights_path": "engine",
+    "copy_nearest": "interp", "sdf_interpolate": "interp",
+    "MemoryBank": "memory",
+    "CPU_CONFIG": "network", "DEFAULT_CONFIG": "network", "STCN": "network", "build_stcn": "network", "load_stcn": "network",
+}
 
 __all__ = [
     "CPU_CONFIG",
@@ -26,3 +35,15 @@ __all__ = [
     "load_stcn",
     "sdf_interpolate",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -27,6 +27,11 @@ goes wrong. This module lets the image correct the blended contour near its boun
   anchors can appear, and pieces of a label that do not touch its blended contour are
   dropped when another piece does (:func:`drop_islands`): no specks.
 
+The slices of ``interp`` and the leave-one-out predictions are computed by
+:class:`~.gap.GuidedGap` (numpy: no normalisation, each label only in the box it can reach,
+the anchors' signed distances shared); :func:`guided_slice` / :func:`guided_indices` are
+the same fusion in torch (the STCN path, which adds the network's term).
+
 Measured (PROTOCOL.md section 1, 2026-11-30, 2-core CPU; defaults picked on the DICOM case
 and two phantoms, see the README): held-out TotalSegmentator CT, k = 5 / 9, mean Dice
 0.808 / 0.809 (SDF interpolation) -> 0.86 / 0.86 with the intensity model.
@@ -41,6 +46,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import check_cancel
+from .gap import HU_EDGES, GuidedGap, bbox, distance_inside, grow, hu_bins, slice_sdf  # noqa: F401  (HU_EDGES: the bins)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the widget can read the defaults cheaply
     import torch
@@ -52,8 +58,6 @@ LOGLIK_SPAN = float(np.log(1001.0))
 #: see :func:`reach_box`); tests switch it off to check that.
 CROP_TO_REACH = True
 
-#: HU bin edges of the intensity model (values outside are clipped into the end bins).
-HU_EDGES = np.arange(-300.0, 401.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,8 @@ class AppearanceOptions:
         return self.weight > 0 or (self.auto and max(self.candidates) > 0)
 
 
-def _hu_bins(hu: np.ndarray) -> np.ndarray:
-    """Bin index of each HU value (clipped into the outer bins)."""
-    idx = np.searchsorted(HU_EDGES, np.asarray(hu, dtype=np.float32), side="right") - 1
-    return np.clip(idx, 0, len(HU_EDGES) - 2)
+#: Bin index of each HU value (clipped into the outer bins): :func:`~.gap.hu_bins`.
+_hu_bins = hu_bins
 
 
 def _histograms(image: np.ndarray, lab: np.ndarray, objects: Sequence[int], band_px: float) -> np.ndarray:
@@ -116,14 +118,18 @@ def _histograms(image: np.ndarray, lab: np.ndarray, objects: Sequence[int], band
     A class with no pixels on this anchor gets an all-zero row (it contributes nothing to
     the blend; the other anchor's row carries it)."""
     nb = len(HU_EDGES) - 1
-    bins = _hu_bins(image)
     fg = np.isin(lab, list(objects))
+    box = bbox(fg)
     rows = []
-    if fg.any():
-        near = ndimage.distance_transform_edt(~fg) <= band_px
-        rows.append(np.bincount(bins[near & ~fg], minlength=nb))
-    else:
-        rows.append(np.zeros(nb, np.int64))
+    if box is None:
+        return np.zeros((len(objects) + 1, nb), np.float64)
+    # every pixel within band_px of a label lies in its bounding box grown by the band
+    # (+2: the distances there are those of the whole slice)
+    y0, y1, x0, x1 = grow(box, int(np.ceil(band_px)) + 2, fg.shape)
+    fg, lab = fg[y0:y1, x0:x1], lab[y0:y1, x0:x1]
+    bins = hu_bins(image[y0:y1, x0:x1])
+    near = distance_inside(~fg) <= band_px
+    rows.append(np.bincount(bins[near & ~fg], minlength=nb))
     rows += [np.bincount(bins[lab == i], minlength=nb) for i in objects]
     h = np.stack(rows).astype(np.float64)
     tot = h.sum(axis=1, keepdims=True)
@@ -148,8 +154,8 @@ class GapAppearance:
         self.ha = _histograms(np.asarray(image_a), np.asarray(lab_a), self.objects, band)
         self.hb = _histograms(np.asarray(image_b), np.asarray(lab_b), self.objects, band)
 
-    def log_likelihood(self, image: np.ndarray, wa: float) -> np.ndarray:
-        """(K+1, Y, X) float32 ``log p(HU | class)`` on one slice; ``wa`` weighs anchor a.
+    def log_table(self, wa: float) -> np.ndarray:
+        """(K+1, B) float32 ``log p(bin | class)`` of a slice where anchor a weighs ``wa``.
 
         Rows absent from one anchor take the other's; a class seen on neither (cannot
         happen for the gap's own objects) is flat."""
@@ -158,8 +164,12 @@ class GapAppearance:
         w = np.where(has_a & has_b, wa, np.where(has_a, 1.0, 0.0))
         h = w * ha + (1.0 - w) * hb
         h = ndimage.gaussian_filter1d(h, 1.0, axis=1, mode="nearest") + 1e-3
-        logh = np.log(h / h.sum(axis=1, keepdims=True)).astype(np.float32)
-        return logh[:, _hu_bins(image)]
+        return np.log(h / h.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def log_likelihood(self, image: np.ndarray, wa: float) -> np.ndarray:
+        """(K+1, Y, X) float32 ``log p(HU | class)`` on one slice; ``wa`` weighs anchor a
+        (:meth:`log_table` looked up at each pixel's HU bin)."""
+        return self.log_table(wa)[:, _hu_bins(image)]
 
 
 def prior_log_probs(d: torch.Tensor, tau_px: float) -> torch.Tensor:
@@ -274,30 +284,48 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
         ``(weight, {candidate: mean Dice})``; ``(options.weight, {})`` with fewer than
         three anchors holding labels.
     """
-    locked = set(int(v) for v in locked)
-    px = 0.5 * (float(spacing[1]) + float(spacing[2]))
+    triples = anchor_triples(image, labels, anchors, spacing, options, locked, cache, cancel)
+    return pick_weight(list(triples.values()), options)
+
+
+def gap_weights(triples: dict[tuple[int, int, int], dict], anchors: Sequence[int],
+                options: AppearanceOptions) -> dict[tuple[int, int], tuple[float, dict[float, float]]]:
+    """The image weight of each gap ``(a, b)`` between consecutive anchors, chosen on that
+    gap's own neighbourhood: the left-out predictions of ``a`` (from its lower neighbour
+    and ``b``) and of ``b`` (from ``a`` and its upper neighbour), scored as in
+    :func:`choose_weight` (:func:`pick_weight`); ``options.weight`` where neither exists
+    (fewer than three anchors) or holds a label.
+
+    So a gap's weight depends only on the four anchors around it, and a correction changes
+    the weights of the gaps next to it and their neighbours, never the rest of the volume.
+
+    Returns:
+        ``{(a, b): (weight, {candidate: mean Dice})}``.
+    """
+    anchors = list(anchors)
+    out = {}
+    for j, (a, b) in enumerate(zip(anchors[:-1], anchors[1:])):
+        near = []
+        if j >= 1:
+            near.append(triples.get((anchors[j - 1], a, b), {}))
+        if j + 2 < len(anchors):
+            near.append(triples.get((a, b, anchors[j + 2]), {}))
+        out[(a, b)] = pick_weight(near, options)
+    return out
+
+
+def pick_weight(triples: Sequence[dict], options: AppearanceOptions) -> tuple[float, dict[float, float]]:
+    """The candidate weight with the best mean Dice over the left-out anchors of
+    ``triples`` (:func:`anchor_triples` values): per label, Dice of the pooled pixel counts,
+    then the mean over labels; ties go to the candidate nearest ``options.weight``.
+    ``(options.weight, {})`` when no triple holds a label."""
     # per candidate and label: [overlap, predicted, true] pixel counts summed over the
     # left-out anchors, so the score is each label's Dice over all of them (as the
     # benchmark scores a volume), averaged over labels; a label nobody drew nor predicted
     # does not count, one predicted where none was drawn scores 0.
     counts: dict[float, dict[int, np.ndarray]] = {w: {} for w in options.candidates}
     used = 0
-    for a, m, b in zip(anchors[:-2], anchors[1:-1], anchors[2:]):
-        check_cancel(cancel)
-        key = None
-        if cache is not None:
-            import hashlib
-
-            digest = hashlib.blake2b(digest_size=16)
-            for z in (a, m, b):
-                digest.update(np.ascontiguousarray(labels[z]).tobytes())
-            key = (a, m, b, digest.digest(), tuple(sorted(locked)), options.candidates, options.tau_mm,
-                   options.tau_growth, options.band_mm)
-        triple = cache.get(key) if key is not None else None
-        if triple is None:
-            triple = _triple_counts(image, labels, a, m, b, spacing, options, locked, px)
-            if key is not None:
-                cache[key] = triple
+    for triple in triples:
         if triple:
             used += 1
         for w, per_label in triple.items():
@@ -313,34 +341,72 @@ def choose_weight(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int],
     return float(best), means
 
 
+def anchor_triples(image: np.ndarray, labels: np.ndarray, anchors: Sequence[int], spacing: Sequence[float],
+                   options: AppearanceOptions, locked: Sequence[int] = (), cache: dict | None = None,
+                   cancel=None, only: set | None = None, sdf_cache: dict | None = None) -> dict[tuple[int, int, int], dict[float, dict[int, np.ndarray]]]:
+    """Leave-one-anchor-out pixel counts of every inner anchor: ``{(a, m, b): {weight:
+    {label: [overlap, predicted, true]}}}`` for consecutive anchors ``a < m < b``, ``m``
+    predicted from ``a`` and ``b`` with each candidate weight ({} when ``a``/``b`` hold
+    no label). ``cache``: see :func:`choose_weight`. ``only``: compute just these triples;
+    the others are returned only when the cache holds them. ``sdf_cache``: the anchors'
+    signed distances, shared with the gaps (:func:`~.gap.slice_sdf`)."""
+    import hashlib
+
+    locked = set(int(v) for v in locked)
+    px = 0.5 * (float(spacing[1]) + float(spacing[2]))
+    anchors = list(anchors)
+    digests = {}
+    if cache is not None:
+        for z in anchors:
+            digests[z] = hashlib.blake2b(np.ascontiguousarray(labels[z]).tobytes(), digest_size=16).digest()
+    out = {}
+    for a, m, b in zip(anchors[:-2], anchors[1:-1], anchors[2:]):
+        if only is not None and (a, m, b) not in only and cache is None:
+            continue
+        check_cancel(cancel)
+        key = None
+        if cache is not None:
+            key = (a, m, b, digests[a], digests[m], digests[b], tuple(sorted(locked)), options.candidates,
+                   options.tau_mm, options.tau_growth, options.band_mm)
+        triple = cache.get(key) if key is not None else None
+        if triple is None:
+            if only is not None and (a, m, b) not in only:
+                continue
+            triple = _triple_counts(image, labels, a, m, b, spacing, options, locked, px, sdf_cache)
+            if key is not None:
+                cache[key] = triple
+        out[(a, m, b)] = triple
+    return out
+
+
 def _triple_counts(image, labels, a: int, m: int, b: int, spacing, options: AppearanceOptions, locked: set,
-                   px: float) -> dict[float, dict[int, np.ndarray]]:
+                   px: float, sdf_cache: dict | None = None) -> dict[float, dict[int, np.ndarray]]:
     """Anchor ``m`` predicted from ``a`` and ``b`` with each candidate weight:
     ``{weight: {label: [overlap, predicted, true]}}`` ({} when ``a``/``b`` hold no label)."""
-    import torch
-
-    from .interp import _bracket_sdf
-
-    ids = [int(i) for i in np.union1d(np.unique(labels[a]), np.unique(labels[b])) if i != 0 and int(i) not in locked]
+    la, lb, lm = labels[a], labels[b], labels[m]
+    ids = [int(i) for i in np.union1d(np.unique(la), np.unique(lb)) if i != 0 and int(i) not in locked]
     if not ids:
         return {}
-    truth = [int(i) for i in np.unique(labels[m]) if i != 0 and int(i) not in locked]
+    truth = [int(i) for i in np.unique(lm) if i != 0 and int(i) not in locked]
     scored = sorted(set(ids) | set(truth))
     wa = (b - m) / (b - a)
     tau = tau_pixels(options, m, a, b, spacing)
-    box = reach_box(np.isin(labels[a], scored) | np.isin(labels[b], scored) | np.isin(labels[m], scored),
-                    LOGLIK_SPAN * max(options.candidates), tau)  # every true pixel of m lies inside
-    la, lb, lm = labels[a][box], labels[b][box], labels[m][box]
-    d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in
-                                   (_bracket_sdf(la == i, lb == i) for i in ids)]).astype(np.float32))
-    prior = prior_log_probs(d, tau)
-    loglik = torch.from_numpy(GapAppearance(image[a], image[b], labels[a], labels[b], ids, px, options)
-                              .log_likelihood(image[m][box], wa))
-    lut = np.array([0] + ids)
+    gap = GuidedGap(slice_sdf(sdf_cache, labels, a), slice_sdf(sdf_cache, labels, b), ids, LOGLIK_SPAN * max(options.candidates),
+                    tau, crop=CROP_TO_REACH)
+    logh = GapAppearance(image[a], image[b], la, lb, ids, px, options).log_table(wa)
+    preds = gap.fill(wa, tau, image[m], logh, options.candidates)
+    uy0, uy1, ux0, ux1 = gap.union
+    lm_u = lm[uy0:uy1, ux0:ux1]
+    true = {i: int(np.count_nonzero(lm == i)) for i in scored}
+    code = {i: k + 1 for k, i in enumerate(ids)}
     out = {}
-    dn = d.numpy()
-    for w in options.candidates:
-        pred = lut[drop_islands(torch.max(prior + w * loglik, dim=0).indices.numpy(), dn)]
-        out[w] = {i: np.array([np.count_nonzero((pred == i) & (lm == i)), np.count_nonzero(pred == i),
-                               np.count_nonzero(lm == i)], np.int64) for i in scored}
+    for w, pred in zip(options.candidates, preds):
+        per = {}
+        for i in scored:
+            if i in code and pred.size:
+                p = pred == code[i]
+                per[i] = np.array([np.count_nonzero(p & (lm_u == i)), np.count_nonzero(p), true[i]], np.int64)
+            else:
+                per[i] = np.array([0, 0, true[i]], np.int64)
+        out[w] = per
     return out

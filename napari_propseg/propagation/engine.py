@@ -19,7 +19,10 @@ Semantics:
   of each label learnt from the two anchors, ``p_net`` the two passes' fused probabilities
   (not near objects too small for the 1/16 memory). Computed at full resolution. The image
   weight ``a`` is chosen per volume on its own anchors (leave one anchor out, from 0, 0.25,
-  0.5, 1), again at every (re)propagation as anchors are added. A fixed
+  0.5, 1) by every full propagation, and kept by re-propagations until the labelled anchors
+  have grown by half (:data:`REWEIGH_GROWTH`), so that one correction changes only the gaps
+  next to it (see :data:`WEIGHT_SCOPE` for the per-gap alternative, measured and not
+  taken). The interp path is numpy only (:mod:`.gap`; torch is imported for STCN). A fixed
   weight 0 restores the plain blends (``interp``: SDF interpolation; ``stcn``: the linear
   SDF prior below). On the held-out TotalSegmentator CT (PROTOCOL.md section 1) it lifts
   k=5 / 9 from 0.808 / 0.809 (SDF) and 0.816 / 0.819 (STCN with the linear prior) to about
@@ -36,6 +39,8 @@ Semantics:
   slice share one key and one affinity, and a second propagation re-encodes nothing.
 * **Re-propagation** after corrections recomputes only the gaps next to each changed slice
   (outward too when it is an outermost anchor); every other slice is returned unchanged.
+  With the volume's image weight kept, the recomputed gaps are exactly those of a full
+  propagation with that weight.
 * **Passes are cached** (up to ``pass_cache_mb``): a pass depends only on its start anchor,
   its objects and the slices it crosses, so when a new anchor ``c`` splits the gap
   ``(a, b)`` the pass from ``a`` up to ``c`` is the beginning of the old pass from ``a`` up
@@ -71,7 +76,8 @@ the key/value caches are emptied whenever the weights in use change.
 With ``method="interp"`` the labels come from :func:`~.interp.sdf_interpolate` and the
 confidence from the SDF blend (see :func:`~.interp.sdf_interpolate_with_confidence`);
 slices outside the outermost anchors are left empty there and get confidence 0.5 when
-that anchor holds labels (which may continue), 1 otherwise.
+that anchor holds labels (which may continue), 1 otherwise; :attr:`PropagationResult.left_empty`
+names those slices.
 
 Example:
     >>> eng = PropagationEngine(volume_hu, method="interp")            # doctest: +SKIP
@@ -91,23 +97,110 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import importlib
+from typing import TYPE_CHECKING
 
-from ..device import resolve_device
+import numpy as np
+
 from ..errors import InputError
-from ..preprocess import resize_slices, window_ct
 from ..progress import CancelFn, ProgressFn, check_cancel, report
-from ..weights import models_dir
-from .adapt import AdaptResult, adapt_stcn
-from .adapt import adapt_options as adapt_options_checked
-from .appearance import AppearanceOptions, GapAppearance, choose_weight, guided_indices, tau_pixels
+from .appearance import (AppearanceOptions, GapAppearance, anchor_triples, gap_weights, guided_indices, pick_weight,
+                         tau_pixels)
 from .interp import anchor_disagreement, check_anchors, gap_confidence, sdf_interpolate_with_confidence
-from .memory import MemoryBank
-from .network import STCN, load_stcn, others_union
+
+if TYPE_CHECKING:
+    from .adapt import AdaptResult
+    from .network import STCN
 
 log = logging.getLogger(__name__)
+
+
+class _LazyModule:
+    """A module imported on first use (torch for the network path only: ``interp`` and
+    ``propseg info`` start without it). The first attribute access puts the real module
+    in this module's globals, so later uses cost nothing."""
+
+    def __init__(self, global_name: str, module: str) -> None:
+        self._global_name, self._module = global_name, module
+
+    def __getattr__(self, attr: str):
+        mod = importlib.import_module(self._module)
+        globals()[self._global_name] = mod
+        return getattr(mod, attr)
+
+
+torch = _LazyModule("torch", "torch")
+F = _LazyModule("F", "torch.nn.functional")
+
+
+def resolve_device(name):
+    from ..device import resolve_device as resolve
+
+    return resolve(name)
+
+
+def resize_slices(*args, **kwargs):
+    from ..preprocess import resize_slices as resize
+
+    return resize(*args, **kwargs)
+
+
+def window_ct(*args, **kwargs):
+    from ..preprocess import window_ct as window
+
+    return window(*args, **kwargs)
+
+
+def models_dir():
+    from ..weights import models_dir as folder
+
+    return folder()
+
+
+def adapt_stcn(*args, **kwargs):
+    from .adapt import adapt_stcn as adapt
+
+    return adapt(*args, **kwargs)
+
+
+def adapt_options_checked(options):
+    from .adapt import adapt_options
+
+    return adapt_options(options)
+
+
+def load_stcn(*args, **kwargs):
+    from .network import load_stcn as load
+
+    return load(*args, **kwargs)
+
+
+def others_union(*args, **kwargs):
+    from .network import others_union as union
+
+    return union(*args, **kwargs)
+
+
+def MemoryBank(*args, **kwargs):  # noqa: N802 - stands for the class
+    from .memory import MemoryBank as Bank
+
+    return Bank(*args, **kwargs)
+
+
+#: How the automatic image weight is chosen. ``"volume"`` (default): one weight for the
+#: volume from every inner anchor (leave one out), chosen by :meth:`PropagationEngine.propagate`
+#: and kept by :meth:`~PropagationEngine.repropagate` until the labelled anchors have grown
+#: by :data:`REWEIGH_GROWTH` (or half of them were replaced), so one correction changes
+#: nothing but the gaps next to it. ``"gap"``: each gap its own weight from the left-out
+#: predictions of its two anchors (:func:`~.appearance.gap_weights`); local, but noisier:
+#: on the k-slice benchmark (2026-12-01) mean Dice fell at k=5 / 9 from 0.860 / 0.859 to
+#: 0.854 / 0.851 on the held-out CT and from 0.890 / 0.906 to 0.882 / 0.899 on the phantom
+#: (DICOM case +0.003 / +0.001), so it is not the default.
+WEIGHT_SCOPE = "volume"
+#: :meth:`PropagationEngine.repropagate` chooses the volume's weight again once the labelled
+#: anchors number this many times those it was chosen on (and when fewer than half of
+#: those are still anchors).
+REWEIGH_GROWTH = 1.5
 
 METHODS = ("stcn", "interp")
 #: Shape priors fused with the STCN probabilities between anchors (see ``prior``).
@@ -139,12 +232,17 @@ class PropagationResult:
         confidence: (Z,) float32 in [0, 1]; 1.0 on anchors; low = doubtful.
         computed: slice indices (re)computed by this call, ascending.
         seconds: wall-clock seconds of the call.
+        left_empty: slices outside the outermost anchors that the method left empty
+            although a label runs on to that outermost anchor (``interp`` does not
+            extrapolate; STCN propagates outward, so there it is empty), ascending, over
+            the whole returned volume.
     """
 
     labels: np.ndarray
     confidence: np.ndarray
     computed: list[int]
     seconds: float
+    left_empty: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -242,8 +340,9 @@ class PropagationEngine:
             ``batch_size``, ``num_frames``, ...).
         appearance: :class:`~.appearance.AppearanceOptions` (or a dict of its fields) of
             the image-guided fusion between anchors; default ``AppearanceOptions()``: the
-            weight chosen per volume by leave-one-anchor-out (:attr:`image_weight`), 0.5
-            with fewer than three anchors. A dict holding ``weight`` alone fixes it
+            weight chosen per volume by leave-one-anchor-out (:attr:`image_weight`; kept
+            by :meth:`repropagate` until the anchors grew by half), 0.5 with fewer than
+            three anchors. A dict holding ``weight`` alone fixes it
             (``{"weight": 0}`` switches the image off). With ``method="stcn"`` it
             replaces the linear SDF prior (``prior_weight``) between anchors; it needs
             ``prior="sdf"``.
@@ -317,13 +416,19 @@ class PropagationEngine:
         self.image_weight: float | None = None
         #: leave-one-anchor-out mean Dice per candidate weight behind an automatic choice.
         self.image_weight_scores: dict[float, float] = {}
+        #: the automatic image weight of each gap ``(a, b)`` (``WEIGHT_SCOPE = "gap"``; else empty).
+        self.gap_weights: dict[tuple[int, int], float] = {}
+        self._weight_basis: set[int] | None = None  # the labelled anchors the volume's weight was chosen on
         self._loo_cache: dict = {}  # anchor triple -> leave-one-out scores (see choose_weight)
+        self._sdf_cache: dict = {}  # (anchor, digest of its labels) -> its signed distances (see gap.slice_sdf)
         self.network_weight = float(network_weight)
         self.spacing = tuple(float(v) for v in spacing) if spacing is not None else (1.0, 1.0, 1.0)
         if int(adapt_steps) > 0 and method != "stcn":
             raise InputError(f"Online adaptation (adapt_steps={adapt_steps}) fine-tunes the STCN network; use method='stcn' or adapt_steps=0.")
         self.adapt_steps = int(adapt_steps)
-        self.adapt_options = adapt_options_checked(adapt_options)
+        # checked now when given (or for STCN); the defaults are read on first use, so
+        # ``interp`` never imports torch
+        self._adapt_options = adapt_options_checked(adapt_options) if adapt_options is not None or method == "stcn" else None
         #: the last :class:`~.adapt.AdaptResult` (None while the loaded weights are in use).
         self.adaptation: AdaptResult | None = None
         self._adapt_digest: bytes | None = None
@@ -336,7 +441,12 @@ class PropagationEngine:
         self.memory_cap = int(memory_cap)
         self.stop_threshold = float(stop_threshold)
         self.stop_patience = int(stop_patience)
-        self.device = resolve_device(device)
+        self._device_name = device
+        self._device = None
+        if method == "stcn":
+            self._device = resolve_device(device)
+        elif str(device).strip().lower() not in ("auto", "cpu") and not str(device).strip().lower().startswith("cuda"):
+            resolve_device(device)  # the unknown-device message (interp needs no device otherwise)
         self.model: STCN | None = None
         self.weights_path: Path | None = None
         if method == "stcn":
@@ -353,7 +463,7 @@ class PropagationEngine:
         self.box = self._body_box(spacing)
         self._keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self._values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
-        self._cache_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._cache_dtype = None if self.model is None else torch.float16 if self.device.type == "cuda" else torch.float32
         # (start, direction, stop, digest of the start anchor's labels + locked ids) -> _CachedPass, oldest used first
         self._passes: OrderedDict[tuple, _CachedPass] = OrderedDict()
         self._pass_budget = int(float(pass_cache_mb) * 2**20)
@@ -362,6 +472,20 @@ class PropagationEngine:
         self.stats = {"keys_encoded": 0, "values_encoded": 0, "memory_peak": 0, "passes_run": 0, "passes_reused": 0}
 
     # ------------------------------------------------------------------ public API
+    @property
+    def device(self) -> torch.device:
+        """The torch device (resolved on first use for ``interp``, which needs none)."""
+        if self._device is None:
+            self._device = resolve_device(self._device_name)
+        return self._device
+
+    @property
+    def adapt_options(self) -> dict:
+        """The online-adaptation options in use (:data:`~.adapt.ADAPT_DEFAULTS` overridden)."""
+        if self._adapt_options is None:
+            self._adapt_options = adapt_options_checked(None)
+        return self._adapt_options
+
     @property
     def resolution(self) -> int | None:
         """Working resolution of the network (None for ``method="interp"``)."""
@@ -392,6 +516,7 @@ class PropagationEngine:
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
         if self.adapt_steps > 0 and self._anchor_digest(labels, anchors, locked) != self._adapt_digest:
             self.adapt(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel)
+        self._prune_sdf_cache(labels, anchors)
         self._choose_image_weight(labels, anchors, locked, cancel)
         return self._run(labels, anchors, all_segments(anchors, labels.shape[0]), locked, progress, cancel)
 
@@ -502,7 +627,8 @@ class PropagationEngine:
         """
         labels, anchors, locked = self._check(labels, anchors, locked_labels)
         segs = affected_segments(anchors, changed, labels.shape[0])
-        self._choose_image_weight(labels, anchors, locked, cancel)
+        self._prune_sdf_cache(labels, anchors)
+        self._choose_image_weight(labels, anchors, locked, cancel, segs)
         return self._run(labels, anchors, segs, locked, progress, cancel)
 
     def suggest_next(self, confidence: np.ndarray, anchors: Sequence[int]) -> int:
@@ -522,6 +648,14 @@ class PropagationEngine:
         return int(candidates[np.argmin(conf[candidates])])
 
     # ------------------------------------------------------------------ driver
+    def _prune_sdf_cache(self, labels: np.ndarray, anchors: Sequence[int]) -> None:
+        """Forget the signed distances of slices that are no longer anchors or whose labels changed."""
+        if not self._sdf_cache:
+            return
+        current = {(int(z), hashlib.blake2b(np.ascontiguousarray(labels[z]).tobytes(), digest_size=16).digest()) for z in anchors}
+        for key in [k for k in self._sdf_cache if k not in current]:
+            del self._sdf_cache[key]
+
     def _check(self, labels, anchors, locked_labels) -> tuple[np.ndarray, list[int], np.ndarray]:
         labels = np.asarray(labels)
         if labels.shape != self.volume_hu.shape:
@@ -547,14 +681,33 @@ class PropagationEngine:
         self._confidence[computed] = conf[computed]
         confidence = np.nan_to_num(self._confidence, nan=UNKNOWN_CONFIDENCE).astype(np.float32)
         confidence[anchors] = 1.0
+        left_empty = self._left_empty(out, anchors, locked) if self.method == "interp" else []
         seconds = time.perf_counter() - t0
         log.info("%s: %d slices computed in %.2f s", self.method, len(computed), seconds)
-        return PropagationResult(out, confidence, computed, seconds)
+        return PropagationResult(out, confidence, computed, seconds, left_empty)
+
+    @staticmethod
+    def _left_empty(out: np.ndarray, anchors: Sequence[int], locked: np.ndarray) -> list[int]:
+        """Slices outside the outermost anchors holding no (unlocked) label while that
+        anchor holds one (see :attr:`PropagationResult.left_empty`)."""
+
+        def holds(z: int) -> bool:
+            sl = out[z]
+            return bool(np.any((sl != 0) & ~np.isin(sl, locked))) if locked.size else bool(sl.any())
+
+        empty = []
+        if anchors[0] > 0 and holds(anchors[0]):
+            empty += [z for z in range(anchors[0]) if not holds(z)]
+        if anchors[-1] < out.shape[0] - 1 and holds(anchors[-1]):
+            empty += [z for z in range(anchors[-1] + 1, out.shape[0]) if not holds(z)]
+        return empty
 
     def _run_interp(self, labels, anchors, segs, locked, out, progress, cancel) -> np.ndarray:
         gaps = [(s.lo, s.hi) for s in segs if s.kind == "between"]
         interp, conf = sdf_interpolate_with_confidence(labels, anchors, locked_labels=locked, progress=progress, cancel=cancel, ranges=gaps,
-                                                       image=self.volume_hu, spacing=self.spacing, appearance=self._effective_appearance())
+                                                       image=self.volume_hu, spacing=self.spacing, appearance=self._effective_appearance(),
+                                                       gap_weights={g: self._gap_weight(*g) for g in gaps},
+                                                       sdf_cache=self._sdf_cache)
         for s in segs:
             zs = s.slices
             out[zs] = interp[zs]
@@ -816,24 +969,68 @@ class PropagationEngine:
                             conf[z] = 1.0 - 0.5 * abs(z - start) / reach
         return conf
 
-    def _choose_image_weight(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray, cancel: CancelFn = None) -> None:
-        """Set :attr:`image_weight` for this volume (``appearance.auto``: leave-one-anchor-out
-        on these anchors, :func:`~.appearance.choose_weight`; else the fixed weight).
+    def _choose_image_weight(self, labels: np.ndarray, anchors: Sequence[int], locked: np.ndarray, cancel: CancelFn = None,
+                             segs: Sequence[Segment] | None = None) -> None:
+        """Set the image weights (``appearance.auto``: leave-one-anchor-out on these anchors,
+        :mod:`~.appearance`; else the fixed weight for every gap). ``segs``: the segments a
+        re-propagation computes (None: a full propagation).
 
-        Chosen again from all current anchors by every :meth:`propagate` and
-        :meth:`repropagate` (each anchor triple's scores are cached, so only the triples
-        around a correction cost anything); it applies to the slices that call computes,
-        the others keep their earlier results."""
+        With :data:`WEIGHT_SCOPE` ``"volume"`` (default) one weight for the volume
+        (:attr:`image_weight`), chosen by every full propagation from all anchors and kept
+        by re-propagations until the labelled anchors changed a lot (:data:`REWEIGH_GROWTH`;
+        then it applies to the slices that call computes, the others keep their results).
+        With ``"gap"`` each gap ``(a, b)`` gets its own weight (:attr:`gap_weights`) from
+        the left-out predictions of ``a`` and ``b`` (:func:`~.appearance.gap_weights`),
+        which depends only on the anchors next to the gap; a re-propagation computes only
+        the triples its gaps need (each triple's counts are cached) and
+        :attr:`image_weight` is the weight pooled over all known triples, for display."""
+        self.gap_weights = {}
         if not self.appearance.enabled:
             self.image_weight, self.image_weight_scores = 0.0, {}
             return
-        if self.appearance.auto:
-            self.image_weight, self.image_weight_scores = choose_weight(self.volume_hu, labels, anchors, self.spacing,
-                                                                        self.appearance, locked, cache=self._loo_cache,
-                                                                        cancel=cancel)
-        else:
+        if not self.appearance.auto:
             self.image_weight, self.image_weight_scores = self.appearance.weight, {}
-        log.info("image weight %.2f (%s)", self.image_weight, "auto" if self.image_weight_scores else "fixed")
+            log.info("image weight %.2f (fixed)", self.image_weight)
+            return
+        if WEIGHT_SCOPE == "volume":
+            labelled = {z for z in anchors if np.any((labels[z] != 0) & ~np.isin(labels[z], locked))}
+            basis = self._weight_basis
+            if segs is not None and basis is not None and self.image_weight is not None \
+                    and len(labelled) < REWEIGH_GROWTH * len(basis) and 2 * len(labelled & basis) >= len(basis):
+                log.info("image weight %.2f kept (chosen on %d labelled anchors, %d now)", self.image_weight, len(basis),
+                         len(labelled))
+                return
+            triples = anchor_triples(self.volume_hu, labels, anchors, self.spacing, self.appearance, locked,
+                                     cache=self._loo_cache, cancel=cancel, sdf_cache=self._sdf_cache)
+            self.image_weight, self.image_weight_scores = pick_weight(list(triples.values()), self.appearance)
+            self._weight_basis = labelled
+            log.info("image weight %.2f (auto, %d labelled anchors)", self.image_weight, len(labelled))
+            return
+        only = None
+        if WEIGHT_SCOPE == "gap" and segs is not None:
+            pos = {z: j for j, z in enumerate(anchors)}
+            only = set()
+            for s in segs:
+                if s.kind != "between":
+                    continue
+                j = pos[s.lo]
+                if j >= 1:
+                    only.add((anchors[j - 1], s.lo, s.hi))
+                if j + 2 < len(anchors):
+                    only.add((s.lo, s.hi, anchors[j + 2]))
+        triples = anchor_triples(self.volume_hu, labels, anchors, self.spacing, self.appearance, locked,
+                                 cache=self._loo_cache, cancel=cancel, only=only, sdf_cache=self._sdf_cache)
+        self.image_weight, self.image_weight_scores = pick_weight(list(triples.values()), self.appearance)
+        if WEIGHT_SCOPE == "gap":
+            self.gap_weights = {g: w for g, (w, _) in gap_weights(triples, anchors, self.appearance).items()}
+        log.info("image weight %.2f (auto); per gap %s", self.image_weight, self.gap_weights)
+
+    def _gap_weight(self, a: int, b: int) -> float:
+        """The image weight of the gap between anchors ``a`` and ``b``."""
+        w = self.gap_weights.get((a, b))
+        if w is not None:
+            return float(w)
+        return float(self.appearance.weight if self.image_weight is None else self.image_weight)
 
     def _effective_appearance(self) -> AppearanceOptions:
         """The appearance options with the weight in use for this volume."""
@@ -853,7 +1050,7 @@ class PropagationEngine:
         ca, cb = self._crop(labels[a], 0), self._crop(labels[b], 0)
         ia, ib = self._crop(self.volume_hu[a], -1000.0), self._crop(self.volume_hu[b], -1000.0)
         px = 0.5 * (self.spacing[1] + self.spacing[2])
-        opt = self._effective_appearance()
+        opt = dataclasses.replace(self._effective_appearance(), weight=self._gap_weight(a, b))
         model = GapAppearance(ia, ib, ca, cb, objects, px, opt)
         da, db = (torch.from_numpy(x).to(self.device) for x in self._crop_sdf(labels[a], labels[b], objects))
         _, small = self._prior_weights(labels[a], labels[b], objects)

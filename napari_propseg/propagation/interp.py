@@ -24,10 +24,10 @@ import logging
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import CancelFn, ProgressFn, check_cancel, report
+from . import gap
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     """Signed Euclidean distance in pixels, negative inside, positive outside.
 
     Measured from pixel centres to the nearest pixel of the other side, minus/plus 0.5
-    so that the zero level lies on the boundary between inside and outside pixels.
+    so that the zero level lies on the boundary between inside and outside pixels
+    (:func:`~.gap.signed_distance`: the ``edt`` library, exactly scipy's distances).
 
     Args:
         mask: (Y, X) bool, not empty.
@@ -59,9 +60,7 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     Returns:
         (Y, X) float32.
     """
-    inside = ndimage.distance_transform_edt(mask)
-    outside = ndimage.distance_transform_edt(~mask)
-    return (outside - inside + np.where(mask, 0.5, -0.5)).astype(np.float32)
+    return gap.signed_distance(mask)
 
 
 def _bracket_sdf(ma: np.ndarray, mb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,13 +70,7 @@ def _bracket_sdf(ma: np.ndarray, mb: np.ndarray) -> tuple[np.ndarray, np.ndarray
     inside distance), so the blend ``d + w * (depth + 1)`` erodes the shape at a constant
     rate and it vanishes exactly at the empty anchor.
     """
-    if ma.any() and mb.any():
-        return signed_distance(ma), signed_distance(mb)
-    if ma.any():
-        da = signed_distance(ma)
-        return da, da + (float(-da.min()) + 1.0)
-    db = signed_distance(mb)
-    return db + (float(-db.min()) + 1.0), db
+    return gap.bracket_sdf(ma, mb)
 
 
 def anchor_disagreement(lab_a: np.ndarray, lab_b: np.ndarray, ids: Iterable[int]) -> float:
@@ -110,6 +103,8 @@ def sdf_interpolate_with_confidence(
     image: np.ndarray | None = None,
     spacing: Sequence[float] | None = None,
     appearance=None,
+    gap_weights: dict[tuple[int, int], float] | None = None,
+    sdf_cache: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SDF interpolation between bracketing anchors, with a per-slice confidence.
 
@@ -133,6 +128,10 @@ def sdf_interpolate_with_confidence(
         spacing: (sz, sy, sx) mm (default 1 mm) for the fusion's mm parameters.
         appearance: :class:`~.appearance.AppearanceOptions`, used with its fixed ``weight``
             (the engine resolves ``auto`` first); None or weight 0: plain SDF.
+        gap_weights: optional image weight per gap ``(a, b)`` (the engine's per-gap
+            choice), overriding ``appearance.weight`` there; 0: plain SDF in that gap.
+        sdf_cache: optional dict kept by the caller: the anchors' signed distances, reused
+            by later calls while an anchor's labels stay the same (:func:`~.gap.slice_sdf`).
 
     Returns:
         ``(out, confidence)``: out (Z, Y, X) of ``labels``' dtype, anchors bit-identical,
@@ -156,7 +155,8 @@ def sdf_interpolate_with_confidence(
     if ranges is not None:
         wanted = {(int(a), int(b)) for a, b in ranges}
         gaps = [g for g in gaps if g in wanted]
-    guided = image is not None and appearance is not None and appearance.weight > 0  # (auto is the engine's)
+    guided = image is not None and appearance is not None and (
+        appearance.weight > 0 or any(w > 0 for w in (gap_weights or {}).values()))  # (auto is the engine's)
     if guided:
         image = np.asarray(image)
         if image.shape != labels.shape:
@@ -168,38 +168,16 @@ def sdf_interpolate_with_confidence(
         ids = np.union1d(np.unique(labels[a]), np.unique(labels[b]))
         ids = ids[(ids != 0) & ~np.isin(ids, locked)]
         disagree = anchor_disagreement(labels[a], labels[b], ids)
-        model = None
-        if guided and len(ids):
-            from .appearance import LOGLIK_SPAN, GapAppearance, reach_box, tau_pixels
-
-            model = GapAppearance(image[a], image[b], labels[a], labels[b], ids, 0.5 * (spacing[1] + spacing[2]), appearance)
-            lut = np.concatenate([[0], ids]).astype(labels.dtype)
-            # only where a label can win (exact; the widest reach is mid-gap)
-            box = reach_box(np.isin(labels[a], ids) | np.isin(labels[b], ids), LOGLIK_SPAN * appearance.weight,
-                            tau_pixels(appearance, a + (b - a) // 2, a, b, spacing))
-            sdfs = [_bracket_sdf(labels[a][box] == i, labels[b][box] == i) for i in ids]
+        weight = float((gap_weights or {}).get((a, b), appearance.weight)) if guided else 0.0
+        if weight > 0 and len(ids):
+            fill = _guided_gap(labels, image, a, b, ids, spacing, appearance, weight, sdf_cache)
         else:
-            sdfs = [_bracket_sdf(labels[a] == i, labels[b] == i) for i in ids]
+            fill = _sdf_gap(labels, a, b, ids, sdf_cache)
         for z in range(a + 1, b):
             check_cancel(cancel)
             wb = (z - a) / (b - a)
             wa = 1.0 - wb
-            if model is not None:
-                sl = np.zeros(labels.shape[1:], dtype=labels.dtype)
-                sl[box] = _guided_slice(sdfs, wa, image[z][box], model, lut, appearance, tau_pixels(appearance, z, a, b, spacing))
-                out[z] = sl
-                confidence[z] = gap_confidence(wa, disagree)
-                step += 1
-                report(progress, step, total, f"interpolating slice {z}")
-                continue
-            best = np.zeros(labels.shape[1:], dtype=np.float32)  # most negative blended distance so far
-            sl = np.zeros(labels.shape[1:], dtype=labels.dtype)
-            for i, (da, db) in zip(ids, sdfs):
-                d = wa * da + wb * db
-                win = d < best
-                sl[win] = i
-                best = np.minimum(best, d)
-            out[z] = sl
+            out[z] = fill(z, wa, wb)
             confidence[z] = gap_confidence(wa, disagree)
             step += 1
             report(progress, step, total, f"interpolating slice {z}")
@@ -209,15 +187,59 @@ def sdf_interpolate_with_confidence(
     return out, confidence
 
 
-def _guided_slice(sdfs, wa: float, image: np.ndarray, model, lut: np.ndarray, appearance, tau_px: float) -> np.ndarray:
-    """One slice of the image-guided interpolation: arg-max of shape prior x intensity model,
-    without islands away from the prior (:func:`~.appearance.drop_islands`)."""
-    import torch
+def _sdf_gap(labels: np.ndarray, a: int, b: int, ids: Sequence[int], sdf_cache: dict | None = None):
+    """``fill(z, wa, wb)`` -> slice ``z`` of plain SDF interpolation between anchors ``a`` and ``b``:
+    each label where its blended signed distance is negative and the most negative.
 
-    from .appearance import guided_indices
+    A label's blend can be negative only on its masks, so its signed distances are
+    computed on their bounding box grown by 2 pixels (where they equal the whole slice's)."""
+    shape = labels.shape[1:]
+    sa, sb = gap.slice_sdf(sdf_cache, labels, a), gap.slice_sdf(sdf_cache, labels, b)
+    parts = []
+    for i in ids:
+        boxes = [bx for bx in (sa.box_of(int(i)), sb.box_of(int(i))) if bx is not None]
+        if not boxes:
+            continue
+        box = gap.grow((min(bx[0] for bx in boxes), max(bx[1] for bx in boxes), min(bx[2] for bx in boxes),
+                        max(bx[3] for bx in boxes)), 2, shape)
+        y0, y1, x0, x1 = box
+        parts.append((i, (slice(y0, y1), slice(x0, x1)), *gap.bracket_sdf_on(sa, sb, int(i), box)))
 
-    d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
-    return lut[guided_indices(d, image, model, wa, tau_px, appearance.weight)]
+    def fill(z: int, wa: float, wb: float) -> np.ndarray:
+        best = np.zeros(shape, dtype=np.float32)  # most negative blended distance so far
+        sl = np.zeros(shape, dtype=labels.dtype)
+        for i, box, da, db in parts:
+            d = wa * da + wb * db
+            sub = best[box]
+            sl[box][d < sub] = i
+            np.minimum(sub, d, out=sub)
+        return sl
+
+    return fill
+
+
+def _guided_gap(labels: np.ndarray, image: np.ndarray, a: int, b: int, ids: Sequence[int], spacing, appearance,
+                weight: float, sdf_cache: dict | None = None):
+    """``fill(z, wa, wb)`` -> slice ``z`` of the image-guided interpolation between anchors ``a``
+    and ``b`` with image weight ``weight``: arg-max of shape prior x intensity model,
+    without islands away from the prior (:class:`~.gap.GuidedGap`)."""
+    from .appearance import CROP_TO_REACH, LOGLIK_SPAN, GapAppearance, tau_pixels
+
+    model = GapAppearance(image[a], image[b], labels[a], labels[b], ids, 0.5 * (spacing[1] + spacing[2]), appearance)
+    lut = np.concatenate([[0], ids]).astype(labels.dtype)
+    # each label only where it can win (exact; the widest reach is mid-gap)
+    g = gap.GuidedGap(gap.slice_sdf(sdf_cache, labels, a), gap.slice_sdf(sdf_cache, labels, b), ids, LOGLIK_SPAN * weight, tau_pixels(appearance, a + (b - a) // 2, a, b, spacing),
+                      crop=CROP_TO_REACH)
+    y0, y1, x0, x1 = g.union
+
+    def fill(z: int, wa: float, wb: float) -> np.ndarray:  # (the guided blend uses 1 - wa, as always)
+        sl = np.zeros(labels.shape[1:], dtype=labels.dtype)
+        if y1 > y0 and x1 > x0:
+            idx = g.fill(wa, tau_pixels(appearance, z, a, b, spacing), image[z], model.log_table(wa), [weight])[0]
+            sl[y0:y1, x0:x1] = lut[idx]
+        return sl
+
+    return fill
 
 
 def sdf_interpolate(labels: np.ndarray, anchors: Sequence[int], *, progress: ProgressFn = None, cancel: CancelFn = None) -> np.ndarray:
