@@ -12,8 +12,15 @@ a GUI:
 * the undo stack of propagations (:class:`UndoStack`): one propagation is one step and
   only the slices it changed are kept;
 * locked label ids that propagation must not touch;
-* autosave/resume of labels + anchors + settings (:meth:`Session.save`,
-  :meth:`Session.load`, :func:`find_session`), written atomically.
+* the organ names of the label ids (:attr:`Session.label_names`);
+* autosave/resume of labels + anchors + settings + names (:meth:`Session.save`,
+  :meth:`Session.load`, :func:`find_session`), written atomically. A session is
+  recognised by the image's content (:func:`content_key`: the SeriesInstanceUID of a
+  DICOM series, else a digest of the grid and a subsample of voxels), so it follows the
+  files when the case folder is moved: the ``<image>.propseg/`` folder beside the image
+  stays the primary location, and a small index in the cache folder
+  (:func:`session_index_dir`) finds a session left behind. A damaged session file
+  raises :class:`BrokenSessionError`; :func:`quarantine_session` keeps it aside.
 
 Example:
     >>> import numpy as np
@@ -30,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import InputError
 from .progress import CancelFn, ProgressFn
 
@@ -53,6 +60,22 @@ SESSION_SUFFIX = ".propseg"
 SESSION_FORMAT = "propseg-session/1"
 #: Environment variable overriding the folder of sessions for images without a path.
 SESSION_HOME_ENV = "PROPSEG_SESSION_HOME"
+#: Number of voxels (about) that :func:`content_key` reads from the image.
+CONTENT_SAMPLE = 4096
+
+
+class BrokenSessionError(InputError):
+    """A saved session exists but one of its files cannot be read (truncated, damaged).
+
+    Attributes:
+        folder: the session folder.
+        file: the unreadable file.
+    """
+
+    def __init__(self, message: str, folder: Path, file: Path):
+        super().__init__(message)
+        self.folder = Path(folder)
+        self.file = Path(file)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -144,6 +167,55 @@ def fingerprint(geometry: dict) -> str:
         sort_keys=True,
     )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def content_key(geometry: dict | None, image: Any = None) -> str | None:
+    """A key of the image's content that stays the same when its files are moved or copied.
+
+    A DICOM series is known by its SeriesInstanceUID (and grid); any other image by a
+    digest of its grid (shape, spacing, origin, direction) and of about
+    :data:`CONTENT_SAMPLE` voxels sampled on a regular lattice of ``image``. The path is
+    not part of it.
+
+    Args:
+        geometry: :func:`geometry_of` of the image (None: no key).
+        image: the (Z, Y, X) image voxels (any array-like supporting strided slicing);
+            without it (and without a series UID) there is no key.
+
+    Returns:
+        A 24-character key (``dicom-...`` or ``image-...``), or None.
+    """
+    if not geometry:
+        return None
+    try:
+        shape = [int(v) for v in geometry["shape"]]
+        grid = {
+            "shape": shape,
+            "spacing": [round(float(v), 4) for v in geometry["spacing"]],
+            "origin": [round(float(v), 3) for v in geometry["origin"]],
+            "direction": [round(float(v), 4) for v in np.asarray(geometry.get("direction", np.eye(3)), float).ravel()],
+        }
+    except (KeyError, TypeError, ValueError):
+        return None
+    uid = str((geometry.get("meta") or {}).get("series_uid") or "")
+    h = hashlib.sha1(json.dumps(grid, sort_keys=True).encode())
+    if uid:
+        h.update(b"uid:" + uid.encode())
+        return "dicom-" + h.hexdigest()[:18]
+    if image is None:
+        return None
+    try:
+        arr = image
+        if tuple(int(v) for v in arr.shape) != tuple(shape):
+            return None
+        per_axis = max(1, round(CONTENT_SAMPLE ** (1 / 3)))
+        steps = [max(1, n // per_axis) for n in shape]
+        sample = np.asarray(arr[:: steps[0], :: steps[1], :: steps[2]])
+    except Exception:  # noqa: BLE001 - an odd array type: no key, the path-based fingerprint stays
+        log.debug("no content key for this image", exc_info=True)
+        return None
+    h.update(np.ascontiguousarray(sample.astype(np.float64)).round(3).tobytes())
+    return "image-" + h.hexdigest()[:18]
 
 
 def _json_default(obj: Any) -> Any:
@@ -365,6 +437,17 @@ def default_session_home() -> Path:
     return Path(base) / "napari-propseg" / "sessions"
 
 
+def session_index_dir() -> Path:
+    """Folder of the content-keyed index of sessions (``<session home>/index``): one small
+    ``<content key>.json`` per image naming its session folder, so a session is found
+    after the image (or the session folder) was moved."""
+    return default_session_home() / "index"
+
+
+def _index_file(key: str) -> Path:
+    return session_index_dir() / f"{key}.json"
+
+
 def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path:
     """Where the session of an image is saved.
 
@@ -375,7 +458,9 @@ def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path
             image without a path.
 
     Returns:
-        The session folder (not created).
+        The session folder (not created). A DICOM folder holding several series keeps one
+        session per series: the series read by default (most slices) in ``<folder>.propseg``,
+        any other in ``<folder>.series-<8 hex digits of its UID>.propseg``.
     """
     path = geometry.get("path")
     if path:
@@ -385,12 +470,22 @@ def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path
             if stem.lower().endswith(ext):
                 stem = stem[: -len(ext)]
                 break
-        name = stem + SESSION_SUFFIX
+        name = stem + _series_tag(geometry) + SESSION_SUFFIX
         base = Path(folder) if folder is not None else p.parent
     else:
         name = "image-" + fingerprint(geometry) + SESSION_SUFFIX
         base = Path(folder) if folder is not None else default_session_home()
     return base.expanduser() / name
+
+
+def _series_tag(geometry: dict) -> str:
+    """``.series-<hash>`` for a DICOM series that is not its folder's default one, else ''."""
+    meta = geometry.get("meta") or {}
+    uid = str(meta.get("series_uid") or "")
+    series = [s for s in (meta.get("series") or []) if isinstance(s, dict)]
+    if not uid or len(series) < 2 or str(series[0].get("uid") or "") == uid:
+        return ""
+    return ".series-" + hashlib.sha1(uid.encode()).hexdigest()[:8]
 
 
 class Session:
@@ -403,10 +498,12 @@ class Session:
             :meth:`save` needs a folder).
         settings: free-form JSON-able widget settings (method, device, k, preset, ...).
         max_undo: number of propagations that can be undone.
+        content_key: :func:`content_key` of the image (finds the session again after a move).
+        label_names: ``{id: organ name}`` of the label ids (saved with the session).
     """
 
     def __init__(self, labels: np.ndarray, geometry: dict | None = None, settings: dict | None = None,
-                 max_undo: int = 10):
+                 max_undo: int = 10, content_key: str | None = None, label_names: dict | None = None):
         labels = np.asarray(labels)
         if labels.ndim != 3:
             raise InputError(f"The labels must be a (Z, Y, X) volume, got shape {labels.shape}; use a 3-D Labels layer.")
@@ -423,6 +520,8 @@ class Session:
         self.dirty = False
         self.saved_path: Path | None = None
         self.last_saved = 0.0
+        self.content_key = content_key
+        self.label_names: dict[int, str] = {int(k): str(v) for k, v in (label_names or {}).items()}
 
     # ------------------------------------------------------------------ anchors
     def record_edit(self, zs: Iterable[int]) -> list[int]:
@@ -482,22 +581,30 @@ class Session:
             return None
         return min(zs, key=lambda z: (self.suggest_agreement.get(z, 0.0), z))
 
-    def toggle_anchor(self, z: int) -> bool:
-        """Add slice ``z`` as an anchor (status from its content), confirm a ``suggested``
-        one as it is (it becomes ``corrected``), or remove a confirmed one.
+    def confirm_anchor(self, z: int) -> str:
+        """Make slice ``z`` an anchor as it is now (the Mark anchor button): a slice that is
+        not an anchor becomes one (``corrected``, or ``empty`` when it holds no label), a
+        ``suggested`` one is confirmed (``corrected``), an anchor stays an anchor (its status
+        follows its content). Never removes an anchor.
 
         Returns:
-            True if ``z`` is an anchor afterwards.
+            The slice's status afterwards.
         """
-        if self.anchors.status(z) == "suggested":
-            self.record_edit([z])
-            return True
-        if z in self.anchors:
+        self.record_edit([z])
+        return str(self.anchors.status(z))
+
+    def remove_anchor(self, z: int) -> str | None:
+        """Remove slice ``z`` from the anchors (the Remove anchor button). Its labels stay,
+        but the next propagation may change them.
+
+        Returns:
+            The status it had (None when it was no anchor).
+        """
+        status = self.anchors.status(z)
+        if status is not None:
             self.anchors.remove(z)
             self.dirty = True
-            return False
-        self.record_edit([z])
-        return True
+        return status
 
     # ------------------------------------------------------------------ propagation
     def propagation_inputs(self) -> tuple[np.ndarray, list[int]]:
@@ -625,62 +732,101 @@ class Session:
         target = session_dir(geometry, folder)
         try:
             target.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(target)
             old = _read_json(target / "session.json")
             counter = int(old.get("counter", 0)) + 1 if old else 1
             labels_name = f"labels-{counter}.npz"
-            _atomic_npz(target / labels_name, labels=self.labels,
-                        confidence=self.confidence if self.confidence is not None else np.zeros(0, np.float32))
+            while (target / labels_name).exists():  # e.g. left by a session.json that is now damaged
+                counter += 1
+                labels_name = f"labels-{counter}.npz"
+            confidence = self.confidence if self.confidence is not None else np.zeros(0, np.float32)
+            atomic_write(target / labels_name,
+                         lambda tmp: np.savez_compressed(tmp, labels=self.labels, confidence=confidence),
+                         what="session labels")
             doc = {
                 "format": SESSION_FORMAT,
                 "counter": counter,
                 "fingerprint": fingerprint(geometry),
+                "content_key": self.content_key,
                 "geometry": geometry,
                 "labels_file": labels_name,
                 "anchors": self.anchors.to_list(),
                 "locked": sorted(int(i) for i in self.locked),
                 "suggest_agreement": {str(z): float(a) for z, a in self.suggest_agreement.items()},
+                "label_names": {str(int(k)): str(v) for k, v in sorted(self.label_names.items())},
                 "settings": _jsonable(self.settings),
                 "saved_at": time.time(),
             }
-            _atomic_text(target / "session.json", json.dumps(doc, indent=1))
+            atomic_write_text(target / "session.json", json.dumps(doc, indent=1), what="session file")
             for stale in target.glob("labels-*.npz"):
                 if stale.name != labels_name:
                     stale.unlink(missing_ok=True)
+        except InputError as exc:  # OutputError of the atomic writer: one sentence already
+            raise InputError(f"Cannot save the session in {target}: {exc}") from exc
         except OSError as exc:
             raise InputError(f"Cannot save the session in {target}: {exc.strerror or exc}; choose a writable folder.") from exc
         self.dirty = False
         self.saved_path = target
         self.last_saved = time.time()
+        self._write_index(target)
         log.info("session saved in %s", target)
         return target
 
+    def _write_index(self, target: Path) -> None:
+        """Record ``content key -> session folder`` in the cache folder (best effort)."""
+        if not self.content_key:
+            return
+        entry = {"folder": str(Path(target).resolve()), "image": (self.geometry or {}).get("path"),
+                 "saved_at": time.time()}
+        try:
+            session_index_dir().mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_index_file(self.content_key), json.dumps(entry, indent=1), what="session index entry")
+        except (InputError, OSError) as exc:
+            log.warning("could not index the session %s: %s", target, exc)
+
     @classmethod
-    def load(cls, folder: str | os.PathLike, geometry: dict | None = None) -> "Session":
+    def load(cls, folder: str | os.PathLike, geometry: dict | None = None,
+             content_key: str | None = None) -> "Session":
         """Read a session folder written by :meth:`save`.
 
         Args:
             folder: the session folder.
             geometry: the open image's geometry; when given, the session must belong to
-                it (same fingerprint), else InputError.
+                it (same content key when both sides have one, else same fingerprint),
+                else InputError.
+            content_key: :func:`content_key` of the open image.
 
         Raises:
-            InputError: missing/corrupt session, or one of another image.
+            BrokenSessionError: the session file or its labels are damaged (truncated).
+            InputError: no session there, or one of another image.
         """
         folder = Path(folder)
-        doc = _read_json(folder / "session.json")
+        remove_stale_temporaries(folder)
+        doc_path = folder / "session.json"
+        doc = _read_json(doc_path)
+        if doc is None and doc_path.is_file():
+            raise BrokenSessionError(f"The session file {doc_path} is damaged (not readable JSON).", folder, doc_path)
         if not doc or doc.get("format") != SESSION_FORMAT:
             raise InputError(f"{folder} holds no readable PropSeg session; start a new one or pick another folder.")
-        if geometry is not None and doc.get("fingerprint") != fingerprint(geometry):
+        if geometry is not None and not _belongs(doc, geometry, content_key):
             raise InputError(
-                f"The session in {folder} belongs to another image ({doc['geometry'].get('path')}); open that image to resume it."
+                f"The session in {folder} belongs to another image ({(doc.get('geometry') or {}).get('path')}); "
+                "open that image to resume it."
             )
+        labels_path = folder / str(doc.get("labels_file"))
+        if not labels_path.is_file():
+            raise BrokenSessionError(f"The labels file {labels_path} of the session is missing.", folder, labels_path)
         try:
-            with np.load(folder / doc["labels_file"]) as z:
+            with np.load(labels_path) as z:
                 labels = z["labels"].copy()
                 conf = z["confidence"].copy()
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(f"The labels of the session in {folder} cannot be read ({exc}); start a new session.") from exc
-        s = cls(labels, geometry or doc["geometry"], doc.get("settings") or {})
+        except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, KeyError, ...
+            raise BrokenSessionError(
+                f"The labels file {labels_path} of the session is damaged ({type(exc).__name__}: {exc}).", folder, labels_path
+            ) from exc
+        names = {int(k): str(v) for k, v in (doc.get("label_names") or {}).items()}
+        s = cls(labels, geometry or doc["geometry"], doc.get("settings") or {},
+                content_key=content_key or doc.get("content_key"), label_names=names)
         s.anchors = AnchorBook.from_list(labels.shape[0], doc.get("anchors") or [])
         s.locked = {int(i) for i in doc.get("locked") or []}
         s.suggest_agreement = {int(z): float(a) for z, a in (doc.get("suggest_agreement") or {}).items()}
@@ -690,16 +836,89 @@ class Session:
         return s
 
 
-def find_session(geometry: dict, folder: str | os.PathLike | None = None) -> Path | None:
-    """The saved session of this image, if any (checked by fingerprint). Never raises."""
+def _belongs(doc: dict, geometry: dict, key: str | None) -> bool:
+    """Whether a session document is of this image: by content key when both have one,
+    else (older sessions, images without voxels) by the path-based fingerprint."""
+    if key and doc.get("content_key"):
+        return doc["content_key"] == key
     try:
-        target = session_dir(geometry, folder)
-        doc = _read_json(target / "session.json")
-        if doc and doc.get("format") == SESSION_FORMAT and doc.get("fingerprint") == fingerprint(geometry):
-            return target
-    except (OSError, KeyError, TypeError, ValueError):
+        return doc.get("fingerprint") == fingerprint(geometry)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def find_session(geometry: dict, folder: str | os.PathLike | None = None,
+                 content_key: str | None = None) -> Path | None:
+    """The saved session of this image, if any. Never raises.
+
+    Looks beside the image first (:func:`session_dir`; a session folder moved with its
+    image is recognised by ``content_key``), then in the content-keyed index of the cache
+    folder (a session left behind when the image alone was moved). Stale temporary files
+    of a killed save are removed from the folder found.
+
+    Returns:
+        The session folder; also a folder whose ``session.json`` is damaged (then
+        :meth:`Session.load` raises :class:`BrokenSessionError`), or None.
+    """
+    candidates: list[Path] = []
+    try:
+        candidates.append(session_dir(geometry, folder))
+    except (KeyError, TypeError, ValueError):
         pass
+    if content_key:
+        entry = _read_json(_index_file(content_key))
+        if entry and entry.get("folder"):
+            candidates.append(Path(entry["folder"]))
+    for i, target in enumerate(candidates):
+        try:
+            doc_path = target / "session.json"
+            if not doc_path.is_file():
+                continue
+            remove_stale_temporaries(target)
+            doc = _read_json(doc_path)
+            if doc is None:
+                if i == 0:  # beside the image under its name: its session, damaged
+                    return target
+                continue
+            if doc.get("format") == SESSION_FORMAT and _belongs(doc, geometry, content_key):
+                return target
+        except OSError:
+            continue
     return None
+
+
+def keep_aside(folder: str | os.PathLike, tag: str = "previous", when: float | None = None) -> list[Path]:
+    """Rename a session's ``session.json`` and labels files to ``<name>.<tag>-<YYYYmmdd-HHMMSS>``
+    so that a new session can be saved in the same folder without destroying them.
+
+    Returns:
+        The new paths of the renamed files.
+    """
+    folder = Path(folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
+    moved = []
+    files = [folder / "session.json"] + sorted(folder.glob("labels-*.npz"))
+    for f in files:
+        if not f.is_file():
+            continue
+        dest = f.with_name(f"{f.name}.{tag}-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = f.with_name(f"{f.name}.{tag}-{stamp}-{n}")
+        try:
+            os.replace(f, dest)
+            moved.append(dest)
+        except OSError as exc:
+            log.warning("could not keep %s aside: %s", f, exc)
+    return moved
+
+
+def quarantine_session(folder: str | os.PathLike, when: float | None = None) -> list[Path]:
+    """Keep a damaged session aside: its ``session.json`` and labels files become
+    ``<name>.broken-<YYYYmmdd-HHMMSS>`` (:func:`keep_aside`), so a new session can start in
+    the same folder. Returns the new paths."""
+    return keep_aside(folder, "broken", when)
 
 
 def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
@@ -778,25 +997,3 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any], *, suffix: str = "") -> None:
-    """Write ``path`` through ``write(binary file)`` into a temporary file, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), suffix=".npz")

@@ -3,6 +3,7 @@ autosave/resume, paint-event parsing, engine plumbing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,14 +13,19 @@ from napari_propseg.errors import InputError
 from napari_propseg.io import Volume, read_labels
 from napari_propseg.session import (
     AnchorBook,
+    BrokenSessionError,
     Session,
     changed_slices,
+    content_key,
     find_session,
     fingerprint,
     geometry_of,
     layer_kwargs,
+    keep_aside,
+    quarantine_session,
     run_propagation,
     session_dir,
+    session_index_dir,
     slices_from_paint_atoms,
     volume_from_geometry,
 )
@@ -310,11 +316,210 @@ def test_check_next_points_at_unverified_suggested_slices_first_and_mark_confirm
     s.set_suggested([1, 4, 6], masks, agreement={1: 0.9, 4: 0.3, 6: 0.5})
     s.confidence = np.linspace(0, 1, 8)  # slice 0 would be the least confident otherwise
     assert s.next_unverified() == 4 and s.check_next() == 4
-    assert s.toggle_anchor(4) is True  # Mark on a suggested slice confirms it as it is
+    assert s.confirm_anchor(4) == "corrected"  # Mark on a suggested slice confirms it as it is
     assert s.anchors.status(4) == "corrected"
     assert s.check_next() == 6
     s.labels[6] = 2
     s.record_edit([6])  # painted: corrected
-    s.toggle_anchor(1)
+    s.confirm_anchor(1)
     assert s.next_unverified() is None and s.check_next() == 0  # then the engine's confidence
-    assert s.toggle_anchor(1) is False  # a confirmed anchor toggles off
+
+
+def test_mark_confirms_and_never_removes_a_corrected_anchor():
+    """Mark anchor pressed again on a slice just corrected keeps it an anchor (it used to
+    toggle it off, and the next propagation overwrote the correction)."""
+    s = Session(np.zeros((6, 4, 4), np.uint8))
+    s.labels[2, 1, 1] = 3
+    s.record_edit([2])
+    assert s.confirm_anchor(2) == "corrected"
+    assert s.confirm_anchor(2) == "corrected" and s.anchors.items() == [(2, "corrected")]
+    assert s.confirm_anchor(4) == "empty"  # a slice that holds nothing: confirmed empty
+    assert s.remove_anchor(2) == "corrected" and s.anchors.zs == [4]
+    assert (s.labels[2, 1, 1] == 3), "removing an anchor keeps its labels"
+    assert s.remove_anchor(2) is None
+    assert not hasattr(s, "toggle_anchor")
+
+
+# --------------------------------------------------------------------------- content key, moves, damaged files
+
+
+def _case_on_disk(folder, seed=0, shape=(8, 12, 10)):
+    """A CT written to ``folder/ct.nii.gz`` and read back: (Volume, geometry, key)."""
+    from napari_propseg.io import read_volume, write_volume
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_volume(arr, Volume.from_array(arr, spacing=(2.5, 0.8, 0.7), origin=(-10.0, 5.0, 30.0)),
+                        folder / "ct.nii.gz")
+    vol = read_volume(path)
+    geom = geometry_of(vol)
+    return vol, geom, content_key(geom, vol.array)
+
+
+def test_content_key_follows_the_content_not_the_path(tmp_path):
+    vol, geom, key = _case_on_disk(tmp_path / "a")
+    assert key and key.startswith("image-")
+    moved = dict(geom, path=str(tmp_path / "b" / "ct.nii.gz"))
+    assert content_key(moved, vol.array) == key
+    other = vol.array.copy()
+    other[4, 6, 5] += 1
+    assert content_key(geom, other) != key, "other voxels, other key"
+    assert content_key(dict(geom, spacing=[1.0, 1.0, 1.0]), vol.array) != key
+    assert content_key(geom, None) is None and content_key(None, vol.array) is None
+    dicom = dict(geom, meta={"series_uid": "1.2.3.4"})
+    assert content_key(dicom).startswith("dicom-") and content_key(dicom) == content_key(dicom, other)
+    assert content_key(dict(dicom, meta={"series_uid": "1.2.3.5"})) != content_key(dicom)
+
+
+def test_session_follows_a_moved_case_folder(tmp_path, monkeypatch):
+    """Moving the case folder (image + its .propseg folder) keeps the session (it was keyed
+    by the absolute path)."""
+    import shutil
+
+    from napari_propseg.io import read_volume
+
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    vol, geom, key = _case_on_disk(tmp_path / "cases" / "case01")
+    s = Session(np.zeros(vol.shape, np.uint8), geom, content_key=key, label_names={1: "liver"})
+    s.labels[3, 2, 2] = 1
+    s.record_edit([3])
+    folder = s.save()
+    assert folder == tmp_path / "cases" / "case01" / "ct.propseg"
+    shutil.move(str(tmp_path / "cases" / "case01"), str(tmp_path / "archive" / "case01"))
+    vol2 = read_volume(tmp_path / "archive" / "case01" / "ct.nii.gz")
+    geom2 = geometry_of(vol2)
+    key2 = content_key(geom2, vol2.array)
+    assert key2 == key and fingerprint(geom2) != fingerprint(geom)
+    found = find_session(geom2, content_key=key2)
+    assert found == tmp_path / "archive" / "case01" / "ct.propseg"
+    r = Session.load(found, geom2, content_key=key2)
+    assert r.anchors.items() == [(3, "corrected")] and r.labels[3, 2, 2] == 1
+    assert r.label_names == {1: "liver"} and r.content_key == key
+    assert find_session(geom2) is None, "without the content key the moved session is not recognised"
+
+
+def test_session_left_behind_is_found_through_the_index(tmp_path, monkeypatch):
+    """Only the image moved: the content-keyed index in the cache folder finds its session."""
+    import shutil
+
+    from napari_propseg.io import read_volume
+
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    vol, geom, key = _case_on_disk(tmp_path / "in")
+    s = Session(np.zeros(vol.shape, np.uint8), geom, content_key=key)
+    s.record_edit([5])
+    folder = s.save()
+    entry = json.loads((session_index_dir() / f"{key}.json").read_text())
+    assert entry["folder"] == str(folder.resolve())
+    (tmp_path / "out").mkdir()
+    shutil.move(str(tmp_path / "in" / "ct.nii.gz"), str(tmp_path / "out" / "ct.nii.gz"))
+    vol2 = read_volume(tmp_path / "out" / "ct.nii.gz")
+    geom2 = geometry_of(vol2)
+    assert find_session(geom2, content_key=content_key(geom2, vol2.array)) == folder
+    # another image with the same grid is not given that session
+    other = vol2.array.copy()
+    other[0, 0, 0] += 7
+    assert find_session(geom2, content_key=content_key(geom2, other)) is None
+    with pytest.raises(InputError, match="another image"):
+        Session.load(folder, geom2, content_key=content_key(geom2, other))
+    # the next save goes beside the image again (the primary location), the index follows
+    r = Session.load(folder, geom2, content_key=key)
+    r.dirty = True
+    new_folder = r.save()
+    assert new_folder == tmp_path / "out" / "ct.propseg"
+    assert find_session(geom2, content_key=key) == new_folder
+
+
+def test_save_uses_the_atomic_writer_and_cleans_stale_temporaries(tmp_path, monkeypatch):
+    import napari_propseg.session as session_mod
+    from napari_propseg.atomic import TMP_PREFIX
+
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom)
+    s.record_edit([1])
+    folder = s.save()
+    # temporaries of killed saves (the old writer's and the atomic writer's names)
+    for name in (".tmp-abc123.npz", ".tmp-xyz.json", TMP_PREFIX + "q1.npz"):
+        (folder / name).write_bytes(b"partial")
+    assert find_session(geom) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["labels-1.npz", "session.json"]
+    (folder / ".tmp-again.npz").write_bytes(b"partial")
+    Session.load(folder, geom)
+    assert not (folder / ".tmp-again.npz").exists()
+    written = []
+    real = session_mod.atomic_write
+
+    def spy(path, write, **kw):
+        written.append(Path(path).name)
+        return real(path, write, **kw)
+
+    monkeypatch.setattr(session_mod, "atomic_write", spy)
+    s.dirty = True
+    s.save()
+    assert written == ["labels-2.npz"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_damaged_session_files_raise_broken_session_and_can_be_kept_aside(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom)
+    s.labels[2] = 3
+    s.record_edit([2])
+    folder = s.save()
+    npz = folder / "labels-1.npz"
+    data = npz.read_bytes()
+    npz.write_bytes(data[: len(data) // 2])  # truncated by a kill / a full disk
+    assert find_session(geom) == folder
+    with pytest.raises(BrokenSessionError) as info:
+        Session.load(folder, geom)
+    assert info.value.file == npz and info.value.folder == folder
+    assert isinstance(info.value, InputError)
+    moved = quarantine_session(folder, when=0)
+    assert sorted(p.name.split(".broken-")[0] for p in moved) == ["labels-1.npz", "session.json"]
+    assert all(p.exists() and p.name.endswith(".broken-" + _stamp(0)) for p in moved)
+    assert find_session(geom) is None
+    # a fresh session saves in the same folder; the broken files stay there
+    fresh = Session(np.zeros(geom["shape"], np.uint8), geom)
+    fresh.record_edit([0])
+    assert fresh.save() == folder and Session.load(folder, geom).anchors.zs == [0]
+    assert all(p.exists() for p in moved)
+    # a damaged session.json (cut mid-write by an old version) is reported the same way
+    (folder / "session.json").write_text('{"format": "propseg-sess')
+    assert find_session(geom) == folder
+    with pytest.raises(BrokenSessionError, match="damaged"):
+        Session.load(folder, geom)
+
+
+def test_each_series_of_a_dicom_folder_has_its_own_session_folder(tmp_path):
+    geom = geometry_of(_vol())
+    series = [{"uid": "1.2.3", "n_slices": 80}, {"uid": "1.2.4", "n_slices": 20}]
+    geom["path"] = str(tmp_path / "study")
+    default = dict(geom, meta={"series_uid": "1.2.3", "series": series})
+    other = dict(geom, meta={"series_uid": "1.2.4", "series": series})
+    assert session_dir(default) == tmp_path / "study.propseg", "the series read by default keeps the plain name"
+    assert session_dir(other).name.startswith("study.series-") and session_dir(other) != session_dir(default)
+    assert session_dir(dict(geom, meta={"series_uid": "1.2.4", "series": series[1:]})) == tmp_path / "study.propseg"
+    assert content_key(default) != content_key(other)
+
+
+def test_keep_aside_renames_a_session_for_a_new_one(tmp_path):
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom)
+    s.record_edit([1])
+    folder = s.save(tmp_path)
+    moved = keep_aside(folder, "previous", when=0)
+    assert sorted(p.name for p in moved) == [f"labels-1.npz.previous-{_stamp(0)}", f"session.json.previous-{_stamp(0)}"]
+    assert keep_aside(folder, "previous") == [] and find_session(geom, tmp_path) is None
+    again = keep_aside  # a second session kept aside in the same second gets its own names
+    s.dirty = True
+    s.save(tmp_path)
+    assert all(p.name.endswith("-2") for p in again(folder, "previous", when=0))
+
+
+def _stamp(t):
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))

@@ -27,7 +27,8 @@ def score_case(pred: np.ndarray, gt: np.ndarray, organs: Sequence[int]) -> dict[
 
 
 def run_segment_dataset(cases, *, model: str | None = None, weights=None, k: int | None = None, method: str = "interp",
-                        device: str = "cpu", progress=None, cancel=None, min_agreement: float | None = None) -> dict[str, Any]:
+                        device: str = "cpu", progress=None, cancel=None, min_agreement: float | None = None,
+                        largest_component: bool | None = None) -> dict[str, Any]:
     """Segment every case of an iterable of BenchCase (``bench.cases.iter_dataset_cases``).
 
     Returns:
@@ -36,13 +37,15 @@ def run_segment_dataset(cases, *, model: str | None = None, weights=None, k: int
     """
     from ..cli.segment import segment
 
-    out: dict[str, Any] = {"model": model, "k": k, "method": method, "min_agreement": min_agreement, "cases": []}
+    out: dict[str, Any] = {"model": model, "k": k, "method": method, "min_agreement": min_agreement,
+                           "largest_component": largest_component, "cases": []}
     for i, case in enumerate(cases):
         check_cancel(cancel)
         organs = sorted(case.label_names)
         t0 = time.perf_counter()
         labels, sug = segment(case.image_hu, weights=weights, k=k, method=method, device=device, spacing=case.spacing,
-                              model=model, cancel=cancel, min_agreement=min_agreement)
+                              model=model, cancel=cancel, min_agreement=min_agreement,
+                              largest_component=largest_component)
         seconds = time.perf_counter() - t0
         names = sug.label_map or {}
         # match classes by name: the model's id for each organ name of the dataset

@@ -132,7 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pg.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N cases (e.g. those a choice was tuned on)")
     pg.add_argument("--model", metavar="NAME", default=None, help="installed reference model (default abdomen)")
     pg.add_argument("--weights", metavar="FILE", nargs="+", default=None, help="reference weight files instead of --model")
-    pg.add_argument("--k", type=int, default=None, help="reference slices (default: the segment command's default)")
+    from .segment import _k_arg
+
+    pg.add_argument("--k", type=_k_arg, default=None, help="reference slices, or 'all' (default: the model's setting)")
+    pg.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
+                    help="keep each organ's largest 3-D piece (default: the model's setting)")
+    pg.add_argument("--all-components", dest="largest_component", action="store_false", help="keep every piece")
     pg.add_argument("--method", default="interp", help="propagation method (default interp)")
     pg.add_argument("--min-agreement", type=float, default=None, metavar="D",
                     help="leave an organ out of a suggested slice when the two networks' masks overlap with Dice below D "
@@ -275,14 +280,14 @@ def run_segment_cmd(args: argparse.Namespace) -> int:
 
     if args.weights and args.model:
         raise InputError("Pass either --model or --weights, not both.")
-    if args.k is not None and args.k < 1:
+    if isinstance(args.k, int) and args.k < 1:
         raise InputError(f"--k must be at least 1, got {args.k}.")
     out = _out_dir(args.out)
     if args.skip < 0:
         raise InputError(f"--skip must be 0 or more, got {args.skip}.")
     res = run_segment_dataset(iter_dataset_cases(args.dataset, split=args.split, limit=args.limit, skip=args.skip), model=args.model,
                               weights=args.weights, k=args.k, method=args.method, device=_device(args.device), progress=_bar,
-                              min_agreement=args.min_agreement)
+                              min_agreement=args.min_agreement, largest_component=args.largest_component)
     res["machine"] = machine_description()
     res["dataset"] = str(args.dataset)
     res["split"] = args.split
