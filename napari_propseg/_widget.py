@@ -206,6 +206,17 @@ def ensure_reader_preference() -> list[str]:
     return added
 
 
+def _installed_models() -> list[str]:
+    """Names of the installed reference models, the default first."""
+    try:
+        from .reference.models import DEFAULT_MODEL, list_models
+
+        names = [m.name for m in list_models()]
+    except Exception:  # noqa: BLE001 - no model folder: Suggest will say so
+        return ["abdomen"]
+    return sorted(names, key=lambda n: (n != DEFAULT_MODEL, n)) or ["abdomen"]
+
+
 def _model_label_names() -> dict[int, str]:
     """The default reference model's classes ``{id: name}`` (no background): its
     ``labels.json`` / the weights' ``label_names``, else the FLARE names of the abdominal
@@ -461,6 +472,9 @@ class PropSegWidget(QWidget):
         self.k_spin.setRange(1, 256)
         self.k_spin.setValue(9)
         self.k_spin.setToolTip("Number of uniformly spaced slices the reference module segments")
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(_installed_models())
+        self.model_combo.setToolTip("Reference model Suggest uses (propseg models lists them): abdomen, head_neck, ...")
         for combo in (self.image_combo, self.labels_combo, self.series_combo):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(10)
@@ -471,6 +485,7 @@ class PropSegWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Method", self.method_combo)
         form.addRow("CT weight", self.image_weight_spin)
+        form.addRow("Model", self.model_combo)
         form.addRow("k slices", self.k_spin)
         self.series_label.setVisible(False)
         self.series_combo.setVisible(False)
@@ -959,6 +974,7 @@ class PropSegWidget(QWidget):
     def _settings(self) -> dict:
         return {"method": self.method_combo.currentText(), "device": self.device_combo.currentText(),
                 "k": int(self.k_spin.value()), "preset": self.preset_combo.currentText(),
+                "model": self.model_combo.currentText(),
                 "image_weight": "auto" if self.image_weight() is None else self.image_weight()}
 
     @_guarded
@@ -1432,12 +1448,13 @@ class PropSegWidget(QWidget):
             return
         volume = np.asarray(self._image_layer.data)
         k, device = int(self.k_spin.value()), self.device_combo.currentText()
+        model = self.model_combo.currentText() or None
         cancel, progress = self._cancel.is_set, self._progress_cb
 
         def job():
             from .reference.inference import suggest_slices
 
-            return suggest_slices(volume, k=k, device=device, progress=progress, cancel=cancel)
+            return suggest_slices(volume, k=k, device=device, progress=progress, cancel=cancel, model=model)
 
         def done(sugg):
             masks = np.asarray(sugg.labels)[list(sugg.slices)]
@@ -1449,7 +1466,15 @@ class PropSegWidget(QWidget):
             self._labels_layer.refresh()
             self._changed_since.update(zs)
             self._ids_in_use |= _ids_in(masks)
-            self._set_status(f"Suggested {len(zs)} slices; check and correct them, then Propagate.")
+            dropped = getattr(sugg, "dropped", None) or {}
+            left_out = ""
+            if dropped:
+                names = getattr(sugg, "label_map", None) or {}
+                organs = sorted({names.get(c, str(c)) for cs in dropped.values() for c in cs})
+                left_out = (f" Left out where the two networks disagree ({len(dropped)} slices): {', '.join(organs)};"
+                            " draw them by hand there.")
+                _notify("info", "Suggest" + left_out)
+            self._set_status(f"Suggested {len(zs)} slices ({model}); check and correct them, then Propagate.{left_out}")
             self._refresh_anchor_list()
 
         self._start(job, done, "Suggesting", k, "Suggest")

@@ -631,3 +631,29 @@ def test_napari_save_uses_our_writer_for_a_plain_labels_layer(viewer_widget, tmp
     back = read_labels(out, ct)
     np.testing.assert_array_equal(back.array, data)
     assert back.spacing == ct.spacing
+
+
+def test_model_picker_lists_installed_models_and_suggest_uses_it(viewer_widget, qtbot, monkeypatch):
+    """The Model picker offers the installed reference models; Suggest runs the chosen one
+    and the status line names it."""
+    pytest.importorskip("napari_propseg.reference.inference")
+    viewer, widget = viewer_widget
+    import napari_propseg.reference.inference as inference
+
+    items = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert items[0] == "abdomen" and "head_neck" in items
+    seen = {}
+    real = inference.suggest_slices
+
+    def spy(volume, *a, **kw):
+        seen.update(kw)
+        return real(volume, *a, **{**kw, "k": 2})
+
+    monkeypatch.setattr(inference, "suggest_slices", spy)
+    widget.device_combo.setCurrentText("cpu")
+    widget.model_combo.setCurrentText("head_neck")
+    widget.suggest_btn.click()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    assert seen["model"] == "head_neck"
+    assert "head_neck" in widget.status_text()

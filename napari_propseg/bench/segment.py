@@ -78,9 +78,10 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def segment_markdown(res: Mapping[str, Any], machine: str = "") -> str:
     lines = ["# Fully automatic segmentation (propseg segment) over a dataset", ""]
+    k_text = res.get("k") or "the model's setting"
     if machine:
         lines += [f"Machine: {machine}", ""]
-    lines += [f"Model `{res.get('model') or 'default'}`, k = {res.get('k') or 'default'}, propagation `{res.get('method')}`; "
+    lines += [f"Model `{res.get('model') or 'default'}`, k = {k_text}, propagation `{res.get('method')}`; "
               f"mean Dice over each case's present organs, then over {res['n_cases']} cases: **{res['mean_dice']:.3f}**", "",
               "| organ | mean Dice | cases |", "|---|---|---|"]
     for name, v in res["per_organ"].items():

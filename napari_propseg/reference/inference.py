@@ -104,7 +104,9 @@ def default_weight_paths(folder: str | os.PathLike | None = None, *, model: str 
     from .models import find_model, reference_root
 
     if folder is None:
-        flat = sorted(reference_root().glob("*.pt")) if model is None and reference_root().is_dir() else []
+        root = reference_root()
+        named = model is not None and (root / model).is_dir()
+        flat = sorted(root.glob("*.pt")) if root.is_dir() and not named else []
         if flat:  # an old flat models/reference/*.pt layout ($PROPSEG_MODELS of an earlier version)
             return flat
         return list(find_model(model).weights)
