@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_labels(labels, vol, args.out)
     map_path = write_label_map(sug.label_map, label_map_path(args.out)) if sug.label_map else None
     report_left_out(sug)
-    print(f"segmented {vol.array.shape[0]} slices from {len(sug.slices)} reference slices {sug.slices}; wrote {path}"
+    shown = sug.slices if len(sug.slices) <= 20 else f"({'every slice' if len(sug.slices) >= vol.array.shape[0] else 'see --seeds'})"
+    print(f"segmented {vol.array.shape[0]} slices from {len(sug.slices)} reference slices {shown}; wrote {path}"
           + (f" and its label map {map_path}" if map_path else ""))
     return 0
