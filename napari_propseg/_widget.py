@@ -469,9 +469,11 @@ class PropSegWidget(QWidget):
             "interpolated contours toward what the scan shows. auto (default): chosen for this volume by predicting "
             f"each inner anchor from its neighbours ({DEFAULT_IMAGE_WEIGHT:g} with fewer than three anchors); 0 = shapes only")
         self.k_spin = QSpinBox()
-        self.k_spin.setRange(1, 256)
-        self.k_spin.setValue(9)
-        self.k_spin.setToolTip("Number of uniformly spaced slices the reference module segments")
+        self.k_spin.setRange(0, 256)
+        self.k_spin.setSpecialValueText("auto")
+        self.k_spin.setValue(0)
+        self.k_spin.setToolTip("Number of uniformly spaced slices the reference module segments; auto = min(Z // 5, 64), "
+                               "the same default as propseg suggest")
         self.model_combo = QComboBox()
         self.model_combo.addItems(_installed_models())
         self.model_combo.setToolTip("Reference model Suggest uses (propseg models lists them): abdomen, head_neck, ...")
@@ -1447,7 +1449,7 @@ class PropSegWidget(QWidget):
             _notify("warning", "The reference module is not available in this build; paint anchors by hand.")
             return
         volume = np.asarray(self._image_layer.data)
-        k, device = int(self.k_spin.value()), self.device_combo.currentText()
+        k, device = int(self.k_spin.value()) or None, self.device_combo.currentText()  # 0 = auto: the CLI's default
         model = self.model_combo.currentText() or None
         cancel, progress = self._cancel.is_set, self._progress_cb
 
@@ -1477,7 +1479,9 @@ class PropSegWidget(QWidget):
             self._set_status(f"Suggested {len(zs)} slices ({model}); check and correct them, then Propagate.{left_out}")
             self._refresh_anchor_list()
 
-        self._start(job, done, "Suggesting", k, "Suggest")
+        from .reference.inference import default_k
+
+        self._start(job, done, "Suggesting", k or default_k(volume.shape[0]), "Suggest")
 
     @_guarded
     def undo(self) -> None:

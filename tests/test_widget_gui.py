@@ -465,7 +465,7 @@ def test_suggest_cancel_leaves_labels_and_anchors(viewer_widget, qtbot, monkeypa
     _viewer, widget = viewer_widget
     import napari_propseg.reference.inference as inference
 
-    def slow_suggest(volume, k, device, progress, cancel):
+    def slow_suggest(volume, k, device, progress, cancel, model=None):
         for i in range(k):
             check_cancel(cancel)
             time.sleep(0.2)
@@ -642,6 +642,8 @@ def test_model_picker_lists_installed_models_and_suggest_uses_it(viewer_widget, 
 
     items = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     assert items[0] == "abdomen" and "head_neck" in items
+    # one default k for the widget and the CLI: auto = min(Z // 5, 64)
+    assert widget.k_spin.value() == 0 and widget.k_spin.specialValueText() == "auto"
     seen = {}
     real = inference.suggest_slices
 
@@ -655,5 +657,5 @@ def test_model_picker_lists_installed_models_and_suggest_uses_it(viewer_widget, 
     widget.suggest_btn.click()
     _wait_idle(qtbot, widget, timeout=120000)
     assert widget.last_error is None, widget.last_error
-    assert seen["model"] == "head_neck"
+    assert seen["model"] == "head_neck" and seen["k"] is None
     assert "head_neck" in widget.status_text()

@@ -134,7 +134,7 @@ def report_left_out(sug) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_volume
-    from ..reference.inference import suggest_slices
+    from ..reference.inference import default_k, suggest_slices
     from . import check_outputs
 
     check_outputs((args.out, "label file"), (slices_json_path(args.out), "slices JSON"), (label_map_path(args.out), "label map"),
@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     vol = read_volume(args.image, series_uid=args.series)
     if args.weights and args.model:
         raise InputError("Pass either --model or --weights, not both.")
+    print(f"segmenting {args.k or default_k(vol.array.shape[0])} of {vol.array.shape[0]} slices with the reference model "
+          f"{'(given weights)' if args.weights else repr(args.model or 'abdomen')}...", flush=True)
     sug = suggest_slices(vol.array, args.weights, k=args.k, scan=args.scan, device=args.device, progress=stderr_bar,
                          model=args.model, min_agreement=args.min_agreement)
     path, jpath = write_suggestion(sug, vol, args.out, args.weights)
