@@ -46,6 +46,13 @@ def describe_os_error(exc: BaseException) -> str:
     return text[0].lower() + text[1:] if text else exc.__class__.__name__
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in ``folder``; raises the OSError if it cannot."""
+    fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), what: str = "output") -> Path:
     """Check before any work that ``path`` can be written; returns it as a Path.
 
@@ -64,9 +71,7 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), what: str 
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"Cannot write the {what} {p}: the folder {folder} is not writable; choose another folder.")
     try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise OutputError(f"Cannot write the {what} {p}: {describe_os_error(exc)}; choose another folder.") from exc
     for inp in inputs:
@@ -123,6 +128,7 @@ def atomic_write(
     verify: Callable[[Path], None] | None = None,
     suffix: str = "",
     what: str = "file",
+    allow_empty: bool = False,
 ) -> Path:
     """Write ``path`` atomically through ``write(tmp_path)``.
 
@@ -134,6 +140,7 @@ def atomic_write(
             any exception to reject it.
         suffix: extension of the temporary file (default: the destination's suffixes).
         what: what the file is, for the error sentence ("label file", "session", ...).
+        allow_empty: an empty result is valid (otherwise it is taken for a full disk).
 
     Returns:
         ``path`` as a Path.
@@ -151,7 +158,7 @@ def atomic_write(
         os.close(fd)
         write(Path(tmp))
         size = os.path.getsize(tmp)
-        if size == 0:
+        if size == 0 and not allow_empty:
             raise OSError(errno.ENOSPC, "nothing was written")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -191,26 +198,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, what: str = "fil
         if os.path.getsize(tmp) != len(data):
             raise OSError(errno.ENOSPC, "short write")
 
-    if not data:  # an empty file is a valid result here
-        p = Path(path).expanduser()
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=p.parent if str(p.parent) else ".")
-            os.close(fd)
-            _set_mode(tmp, p)
-            os.replace(tmp, p)
-            tmp = None
-        except OSError as exc:
-            raise OutputError(f"Could not write the {what} {p}: {describe_os_error(exc)}; nothing was changed there, "
-                              f"{_advice(exc)}.") from exc
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        return p
-    return atomic_write(path, _w, verify=_check, what=what)
+    return atomic_write(path, _w, verify=_check, what=what, allow_empty=not data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:

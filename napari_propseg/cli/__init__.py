@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def _check_free_space(target: Path, folder: Path, what: str = "output") -> None:
 
 def check_output_folder(folder, *, what: str = "output folder") -> Path:
     """Check, before any work, that ``folder`` is (or can be created as) a writable folder."""
-    from ..atomic import TMP_PREFIX, describe_os_error
+    from ..atomic import describe_os_error, probe_writable
     from ..errors import OutputError
 
     f = Path(folder).expanduser()
@@ -123,9 +122,7 @@ def check_output_folder(folder, *, what: str = "output folder") -> Path:
         raise OutputError(f"Cannot create the {what} {f}: {base} is a file, not a folder; choose another folder.")
     where = "" if base == f else f" (it would be created in {base})"
     try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=base)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(base)
     except OSError as exc:
         raise OutputError(f"Cannot write into the {what} {f}{where}: {describe_os_error(exc)}; choose another folder.") from exc
     _check_free_space(f, base, what)
