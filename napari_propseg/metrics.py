@@ -61,7 +61,28 @@ METRIC_NAMES = ("dice", "jaccard", "nsd", "hd95", "hd", "asd", "rvd")
 DEFAULT_TOLERANCE_MM = 1.0
 """Default NSD tolerance in mm (FLARE 2022)."""
 
+DICE_BOTH_EMPTY = 1.0
+"""Dice of a label absent from both masks: perfect agreement (the empty-label rule)."""
+
 _FACE = ndimage.generate_binary_structure(3, 1)
+
+
+def dice_from_counts(inter: int, n_a: int, n_b: int, *, both_empty: float = DICE_BOTH_EMPTY) -> float:
+    """Dice ``2|A∩B| / (|A| + |B|)`` from voxel counts: the package's one Dice.
+
+    Args:
+        inter: ``|A∩B|``. n_a, n_b: ``|A|`` and ``|B|``.
+        both_empty: the value when ``|A| + |B| == 0`` (default :data:`DICE_BOTH_EMPTY`,
+            1.0; one empty mask and one not gives 0.0 by the formula).
+
+    Example:
+        >>> dice_from_counts(3, 4, 4), dice_from_counts(0, 0, 0), dice_from_counts(0, 0, 5)
+        (0.75, 1.0, 0.0)
+    """
+    denom = int(n_a) + int(n_b)
+    if denom == 0:
+        return float(both_empty)
+    return 2.0 * int(inter) / denom
 
 
 def _check_inputs(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -156,7 +177,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], t
 
 def _empty_row(n_pred: int, n_gt: int) -> dict[str, float]:
     if n_pred == 0 and n_gt == 0:
-        vals = dict(dice=1.0, jaccard=1.0, nsd=1.0, hd95=0.0, hd=0.0, asd=0.0, rvd=0.0)
+        vals = dict(dice=DICE_BOTH_EMPTY, jaccard=1.0, nsd=1.0, hd95=0.0, hd=0.0, asd=0.0, rvd=0.0)
     else:
         vals = dict(dice=0.0, jaccard=0.0, nsd=0.0, hd95=math.inf, hd=math.inf, asd=math.inf,
                     rvd=-1.0 if n_pred == 0 else math.inf)
@@ -170,7 +191,7 @@ def _metrics_in_box(p: np.ndarray, g: np.ndarray, spacing: tuple[float, float, f
     if n_p == 0 or n_g == 0:
         return _empty_row(n_p, n_g)
     inter = int(np.count_nonzero(p & g))
-    dice = 2.0 * inter / (n_p + n_g)
+    dice = dice_from_counts(inter, n_p, n_g)
     jaccard = inter / (n_p + n_g - inter)
     d_pg, d_gp = surface_distances(p, g, spacing)
     both = np.concatenate([d_pg, d_gp])

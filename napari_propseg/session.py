@@ -1,26 +1,20 @@
-"""The labeling session behind the PropSeg widget (core: no Qt, napari or magicgui).
+"""The labeling session behind the PropSeg widget: the clinician's workflow state, without Qt.
 
-Everything the clinician's workflow needs to remember lives here and is tested without
-a GUI:
+Everything the correction loop needs to remember lives here and is tested without a GUI:
 
-* the geometry of the image a layer came from (:func:`geometry_of`,
-  :func:`volume_from_geometry`), carried in napari layer ``metadata`` under
-  :data:`META_KEY` so that labels drawn on the image are written back onto its grid;
-* the anchor slices (:class:`AnchorBook`): slices whose labels were given by the
-  reference module (``suggested``), drawn or fixed by the clinician (``corrected``), or
-  explicitly confirmed to hold nothing (``empty``); propagation never changes them;
-* the undo stack of propagations (:class:`UndoStack`): one propagation is one step and
-  only the slices it changed are kept;
-* locked label ids that propagation must not touch;
-* the organ names of the label ids (:attr:`Session.label_names`);
-* autosave/resume of labels + anchors + settings + names (:meth:`Session.save`,
-  :meth:`Session.load`, :func:`find_session`), written atomically. A session is
-  recognised by the image's content (:func:`content_key`: the SeriesInstanceUID of a
-  DICOM series, else a digest of the grid and a subsample of voxels), so it follows the
-  files when the case folder is moved: the ``<image>.propseg/`` folder beside the image
-  stays the primary location, and a small index in the cache folder
-  (:func:`session_index_dir`) finds a session left behind. A damaged session file
-  raises :class:`BrokenSessionError`; :func:`quarantine_session` keeps it aside.
+* the anchor slices (:class:`AnchorBook`: ``suggested`` by the reference module,
+  ``corrected`` by the clinician, ``empty`` confirmed to hold nothing), locked label ids,
+  organ names (:attr:`Session.label_names`) and the undo stack (:class:`UndoStack`);
+* what changed since the last run (:attr:`Session.changed_since`): a run
+  (:meth:`Session.begin_run` -> :meth:`PropagationRun.execute` in a worker ->
+  :meth:`Session.apply_steps`, a few slices per step so a GUI never freezes) re-propagates
+  only the gaps next to those slices and ends in a :class:`RunSummary`;
+* Suggest (:func:`suggest`, :meth:`Session.apply_suggestion`), Check next
+  (:meth:`Session.check_next`) and Export (:meth:`Session.export`);
+* autosave/resume (:meth:`Session.save`, :meth:`Session.save_in_background`,
+  :meth:`Session.load`) through :mod:`napari_propseg.session_store` (which also holds the
+  image geometry helpers); its public names and :mod:`napari_propseg.session_state`'s are
+  re-exported here.
 
 Example:
     >>> import numpy as np
@@ -33,463 +27,123 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import InputError
 from .progress import CancelFn, ProgressFn
+from .session_store import (  # noqa: F401 - re-exported: the session's public API
+    CONTENT_SAMPLE,
+    EXPORT_FORMATS,
+    BASIC_FORMATS,
+    META_KEY,
+    SESSION_FORMAT,
+    SESSION_HOME_ENV,
+    SESSION_SUFFIX,
+    BrokenSessionError,
+    SessionSnapshot,
+    content_key,
+    default_session_home,
+    export_labels,
+    find_session,
+    fingerprint,
+    format_of,
+    formats_module,
+    geometry_of,
+    keep_aside,
+    layer_kwargs,
+    quarantine_session,
+    read_session,
+    session_dir,
+    session_index_dir,
+    volume_from_geometry,
+    write_session,
+)
+
+from .session_state import (  # noqa: F401 - re-exported
+    ANCHOR_STATUSES,
+    AnchorBook,
+    RunOutcome,
+    RunSummary,
+    UndoStack,
+    UndoStep,
+    changed_slices,
+    copy_slices,
+    ids_in,
+    merge_result,
+    slices_from_paint_atoms,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
-#: Key of the geometry dict in a napari layer's ``metadata``.
-META_KEY = "propseg_volume"
-#: Anchor statuses, in the order the widget lists them.
-ANCHOR_STATUSES = ("suggested", "corrected", "empty")
-#: Suffix of the session folder written beside the image.
-SESSION_SUFFIX = ".propseg"
-#: Version of the on-disk session format.
-SESSION_FORMAT = "propseg-session/1"
-#: Environment variable overriding the folder of sessions for images without a path.
-SESSION_HOME_ENV = "PROPSEG_SESSION_HOME"
-#: Number of voxels (about) that :func:`content_key` reads from the image.
-CONTENT_SAMPLE = 4096
+#: Voxels (about) written back per step of :meth:`Session.apply_steps`.
+APPLY_CHUNK_VOXELS = 2_000_000
 
 
-class BrokenSessionError(InputError):
-    """A saved session exists but one of its files cannot be read (truncated, damaged).
-
-    Attributes:
-        folder: the session folder.
-        file: the unreadable file.
-    """
-
-    def __init__(self, message: str, folder: Path, file: Path):
-        super().__init__(message)
-        self.folder = Path(folder)
-        self.file = Path(file)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def geometry_of(vol: Any) -> dict:
-    """The geometry of a :class:`~napari_propseg.io.Volume` as plain Python types.
-
-    Args:
-        vol: a Volume (its ``array`` is only used for its shape and is not kept).
-
-    Returns:
-        :meth:`Volume.to_metadata` (``spacing`` (sz, sy, sx) mm, ``origin`` (x, y, z) mm,
-        flat ``direction``, ``path``, ``source`` = the file-layout record
-        :func:`napari_propseg.io.write_labels` needs) plus ``shape`` (Z, Y, X) and the
-        JSON-able entries of ``meta``. Small, deep-copyable and JSON-serialisable.
-    """
-    meta = {}
-    for k, v in (vol.meta or {}).items():
-        try:
-            json.dumps(v, default=_json_default)
-        except (TypeError, ValueError):
-            continue
-        meta[str(k)] = v
-    geom = _jsonable(vol.to_metadata())
-    geom["shape"] = [int(s) for s in vol.array.shape]
-    geom["meta"] = _jsonable(meta)
-    return geom
-
-
-def volume_from_geometry(geometry: dict, array: np.ndarray) -> Any:
-    """Rebuild a Volume from :func:`geometry_of`'s dict and an array on that grid.
-
-    Args:
-        geometry: the dict stored in layer metadata or a session file.
-        array: (Z, Y, X) array whose shape equals ``geometry["shape"]``.
-
-    Returns:
-        A :class:`~napari_propseg.io.Volume` that :func:`napari_propseg.io.write_labels`
-        accepts as ``like``.
-
-    Raises:
-        InputError: the array's shape differs from the geometry's, or the geometry is
-            incomplete.
-    """
-    from .io import Volume
-
-    array = np.asarray(array)
-    shape = tuple(int(s) for s in geometry.get("shape", array.shape))
-    if array.shape != shape:
-        raise InputError(
-            f"The labels have shape {array.shape} but the image they belong to has shape {shape}; "
-            "draw them on a Labels layer created on that image."
-        )
-    vol = Volume.from_metadata(array, geometry)
-    vol.meta = dict(geometry.get("meta") or {})
-    return vol
-
-
-def layer_kwargs(vol: Any, name: str) -> dict:
-    """napari layer keyword arguments placing ``vol`` at its physical position.
-
-    Args:
-        vol: a canonical-LPS Volume.
-        name: layer name.
-
-    Returns:
-        dict with ``name``, ``scale`` = spacing (sz, sy, sx), ``translate`` = the physical
-        (z, y, x) of voxel (0, 0, 0) (canonical volumes have a near-identity direction)
-        and ``metadata`` holding :func:`geometry_of` under :data:`META_KEY`.
-    """
-    return {
-        "name": name,
-        "scale": tuple(float(s) for s in vol.spacing),
-        "translate": tuple(float(o) for o in vol.origin[::-1]),
-        "metadata": {META_KEY: geometry_of(vol)},
-    }
-
-
-def fingerprint(geometry: dict) -> str:
-    """Short hash identifying an image (path, shape, spacing, origin) for resume."""
-    key = json.dumps(
-        {
-            "path": os.path.abspath(geometry["path"]) if geometry.get("path") else None,
-            "shape": list(geometry["shape"]),
-            "spacing": [round(float(s), 4) for s in geometry["spacing"]],
-            "origin": [round(float(o), 3) for o in geometry["origin"]],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
-
-
-def content_key(geometry: dict | None, image: Any = None) -> str | None:
-    """A key of the image's content that stays the same when its files are moved or copied.
-
-    A DICOM series is known by its SeriesInstanceUID (and grid); any other image by a
-    digest of its grid (shape, spacing, origin, direction) and of about
-    :data:`CONTENT_SAMPLE` voxels sampled on a regular lattice of ``image``. The path is
-    not part of it.
-
-    Args:
-        geometry: :func:`geometry_of` of the image (None: no key).
-        image: the (Z, Y, X) image voxels (any array-like supporting strided slicing);
-            without it (and without a series UID) there is no key.
-
-    Returns:
-        A 24-character key (``dicom-...`` or ``image-...``), or None.
-    """
-    if not geometry:
-        return None
-    try:
-        shape = [int(v) for v in geometry["shape"]]
-        grid = {
-            "shape": shape,
-            "spacing": [round(float(v), 4) for v in geometry["spacing"]],
-            "origin": [round(float(v), 3) for v in geometry["origin"]],
-            "direction": [round(float(v), 4) for v in np.asarray(geometry.get("direction", np.eye(3)), float).ravel()],
-        }
-    except (KeyError, TypeError, ValueError):
-        return None
-    uid = str((geometry.get("meta") or {}).get("series_uid") or "")
-    h = hashlib.sha1(json.dumps(grid, sort_keys=True).encode())
-    if uid:
-        h.update(b"uid:" + uid.encode())
-        return "dicom-" + h.hexdigest()[:18]
-    if image is None:
-        return None
-    try:
-        arr = image
-        if tuple(int(v) for v in arr.shape) != tuple(shape):
-            return None
-        per_axis = max(1, round(CONTENT_SAMPLE ** (1 / 3)))
-        steps = [max(1, n // per_axis) for n in shape]
-        sample = np.asarray(arr[:: steps[0], :: steps[1], :: steps[2]])
-    except Exception:  # noqa: BLE001 - an odd array type: no key, the path-based fingerprint stays
-        log.debug("no content key for this image", exc_info=True)
-        return None
-    h.update(np.ascontiguousarray(sample.astype(np.float64)).round(3).tobytes())
-    return "image-" + h.hexdigest()[:18]
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain lists/dicts/numbers copy of ``obj`` (numpy arrays -> nested lists)."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-# --------------------------------------------------------------------------- anchors
-
-
-class AnchorBook:
-    """The anchor slices of one volume: z index -> status.
-
-    Args:
-        n_slices: number of axial slices Z of the volume.
-
-    Statuses: ``suggested`` (labels written by the reference module), ``corrected``
-    (painted or fixed by the clinician), ``empty`` (the clinician confirmed that the
-    slice holds no label). Propagation reads anchors and never changes them.
-    """
-
-    def __init__(self, n_slices: int):
-        if n_slices < 1:
-            raise ValueError(f"n_slices must be >= 1, got {n_slices}")
-        self.n_slices = int(n_slices)
-        self._status: dict[int, str] = {}
-
-    def _check_z(self, z: int) -> int:
-        z = int(z)
-        if not 0 <= z < self.n_slices:
-            raise InputError(f"Slice {z} is outside the volume (0..{self.n_slices - 1}); pick a slice inside it.")
-        return z
-
-    def set(self, z: int, status: str) -> None:
-        """Make slice ``z`` an anchor with ``status`` (replacing any previous status)."""
-        if status not in ANCHOR_STATUSES:
-            raise ValueError(f"anchor status must be one of {ANCHOR_STATUSES}, got {status!r}")
-        self._status[self._check_z(z)] = status
-
-    def remove(self, z: int) -> bool:
-        """Remove slice ``z`` from the anchors; returns whether it was one."""
-        return self._status.pop(int(z), None) is not None
-
-    def clear(self) -> None:
-        self._status.clear()
-
-    def status(self, z: int) -> str | None:
-        """Status of slice ``z``, or None if it is not an anchor."""
-        return self._status.get(int(z))
-
-    def __contains__(self, z: object) -> bool:
-        return isinstance(z, (int, np.integer)) and int(z) in self._status
-
-    def __len__(self) -> int:
-        return len(self._status)
-
-    @property
-    def zs(self) -> list[int]:
-        """Anchor slice indices, ascending."""
-        return sorted(self._status)
-
-    def items(self) -> list[tuple[int, str]]:
-        """(z, status) pairs, ascending z."""
-        return [(z, self._status[z]) for z in self.zs]
-
-    def next_after(self, z: int) -> int | None:
-        """The first anchor strictly above ``z`` (None if there is none)."""
-        later = [a for a in self.zs if a > z]
-        return later[0] if later else None
-
-    def prev_before(self, z: int) -> int | None:
-        """The last anchor strictly below ``z`` (None if there is none)."""
-        earlier = [a for a in self.zs if a < z]
-        return earlier[-1] if earlier else None
-
-    def bracket(self, z: int) -> tuple[int, int]:
-        """The range [lo, hi] (inclusive) that a change on slice ``z`` affects.
-
-        It runs from the anchor below ``z`` to the anchor above it (the volume's ends
-        when there is none): re-propagation after a correction on ``z`` only needs to
-        recompute this range.
-        """
-        lo = self.prev_before(z)
-        hi = self.next_after(z)
-        return (0 if lo is None else lo, self.n_slices - 1 if hi is None else hi)
-
-    def to_list(self) -> list[list]:
-        return [[z, s] for z, s in self.items()]
-
-    @classmethod
-    def from_list(cls, n_slices: int, items: Iterable[Sequence]) -> "AnchorBook":
-        book = cls(n_slices)
-        for z, s in items:
-            book.set(int(z), str(s))
-        return book
-
-
-def changed_slices(before: np.ndarray, after: np.ndarray) -> list[int]:
-    """Axial slices where two (Z, Y, X) label volumes differ.
-
-    Args:
-        before: (Z, Y, X) labels.
-        after: (Z, Y, X) labels of the same shape.
-
-    Returns:
-        Ascending z indices with at least one differing voxel.
-    """
-    if before.shape != after.shape:
-        raise ValueError(f"shapes differ: {before.shape} vs {after.shape}")
-    diff = before.reshape(before.shape[0], -1) != after.reshape(after.shape[0], -1)
-    return [int(z) for z in np.flatnonzero(diff.any(axis=1))]
-
-
-def slices_from_paint_atoms(atoms: Iterable[Any], axis: int = 0) -> list[int]:
-    """Slice indices touched by a napari Labels ``paint`` event's history atoms.
-
-    Pure function over napari's two atom kinds (no napari import): a tuple
-    ``(indices, old_values, new_values)`` whose ``indices`` is a tuple of index arrays,
-    or an object with ``slice_key`` (a tuple of slices, the edit's bounding box).
-
-    Args:
-        atoms: the event's ``value`` (a list of atoms).
-        axis: the slice axis of the data (0 for (Z, Y, X)).
-
-    Returns:
-        Ascending unique slice indices.
-    """
-    zs: set[int] = set()
-    for atom in atoms or ():
-        key = getattr(atom, "slice_key", None)
-        if key is not None:
-            sl = key[axis]
-            if isinstance(sl, slice):
-                zs.update(range(sl.start or 0, sl.stop if sl.stop is not None else (sl.start or 0) + 1))
-            else:
-                zs.update(int(v) for v in np.atleast_1d(sl))
-            continue
-        try:
-            indices = atom[0]
-            zs.update(int(v) for v in np.unique(np.asarray(indices[axis])))
-        except (TypeError, IndexError, ValueError):
-            log.debug("unrecognised paint atom %r", type(atom))
-    return sorted(zs)
-
-
-# --------------------------------------------------------------------------- undo
+# --------------------------------------------------------------------------- runs
 
 
 @dataclass
-class UndoStep:
-    """The slices one operation changed, as they were before it.
+class PropagationRun:
+    """One propagation, planned by :meth:`Session.begin_run` on the GUI thread.
 
-    Attributes:
-        description: what the operation was ("propagate (stcn)", ...).
-        zs: (n,) changed slice indices.
-        before: (n, Y, X) those slices before the operation.
-        anchors_before: the anchor book's ``(z, status)`` pairs before the operation, for
-            operations that change anchors (Suggest); None when it left them alone.
+    :meth:`execute` (blocking: call it in a worker thread) builds the engine when none is
+    cached, runs it and merges its result with the anchors and locks as they were when the
+    run began; :meth:`Session.apply_steps` then writes the changed slices back.
     """
 
-    description: str
-    zs: np.ndarray
-    before: np.ndarray
-    anchors_before: list[tuple[int, str]] | None = None
-
-
-class UndoStack:
-    """Bounded stack of :class:`UndoStep` (only changed slices are kept).
-
-    Args:
-        max_steps: the oldest steps are dropped beyond this many.
-    """
-
-    def __init__(self, max_steps: int = 10):
-        self.max_steps = int(max_steps)
-        self._steps: list[UndoStep] = []
-
-    def push(self, step: UndoStep) -> None:
-        self._steps.append(step)
-        del self._steps[: max(0, len(self._steps) - self.max_steps)]
-
-    def peek(self) -> UndoStep | None:
-        """The step :meth:`pop` would return, left on the stack."""
-        return self._steps[-1] if self._steps else None
-
-    def pop(self) -> UndoStep | None:
-        return self._steps.pop() if self._steps else None
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def clear(self) -> None:
-        self._steps.clear()
+    labels: np.ndarray  # the session's labels; copied (slice by slice) when the run executes
+    anchors: list[int]
+    changed: list[int] | None  # None: full propagation
+    locked: tuple[int, ...]
+    method: str
+    device: str
+    spacing: tuple[float, float, float] | None
+    image_weight: float | None
+    engine: Any
+    key: tuple
+    pending: frozenset  # the session's changed slices this run takes care of
+    copied: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
     @property
-    def last_description(self) -> str | None:
-        return self._steps[-1].description if self._steps else None
+    def description(self) -> str:
+        return f"re-propagate ({self.method})" if self.changed else f"propagate ({self.method})"
+
+    def execute(self, volume: np.ndarray, progress: ProgressFn = None, cancel: CancelFn = None) -> "RunOutcome":
+        """Run the engine (blocking) and prepare the write-back; see :func:`run_propagation`.
+
+        The labels are copied here, in the worker, so Propagate does not wait for a 34 MB
+        copy on the GUI thread; a slice painted meanwhile is an anchor by the time the
+        result is written back, and anchors as they are then win (:meth:`Session.apply_steps`).
+        """
+        if not self.copied:
+            self.labels, self.copied = copy_slices(self.labels), True
+        engine = self.engine or make_engine(volume, method=self.method, device=self.device, spacing=self.spacing,
+                                            image_weight=self.image_weight)
+        t0 = time.perf_counter()
+        result = run_propagation(volume, self.labels, self.anchors, method=self.method, device=self.device,
+                                 changed=self.changed, locked_labels=self.locked, progress=progress, cancel=cancel,
+                                 engine=engine)
+        engine_seconds = time.perf_counter() - t0
+        new = merge_result(self.labels, result.labels, self.anchors, self.locked)
+        candidates = changed_slices(self.labels, new)
+        return RunOutcome(self, engine, result, new, candidates, ids_in(new), engine_seconds)
 
 
 # --------------------------------------------------------------------------- session
 
 
-def default_session_home() -> Path:
-    """Folder of sessions for images without a file (the phantom) or a read-only folder."""
-    env = os.environ.get(SESSION_HOME_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "napari-propseg" / "sessions"
-
-
-def session_index_dir() -> Path:
-    """Folder of the content-keyed index of sessions (``<session home>/index``): one small
-    ``<content key>.json`` per image naming its session folder, so a session is found
-    after the image (or the session folder) was moved."""
-    return default_session_home() / "index"
-
-
-def _index_file(key: str) -> Path:
-    return session_index_dir() / f"{key}.json"
-
-
-def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path:
-    """Where the session of an image is saved.
-
-    Args:
-        geometry: :func:`geometry_of` of the image.
-        folder: a chosen folder; default: beside the image file or DICOM folder
-            (``ct.nii.gz`` -> ``ct.propseg/``), or :func:`default_session_home` for an
-            image without a path.
-
-    Returns:
-        The session folder (not created). A DICOM folder holding several series keeps one
-        session per series: the series read by default (most slices) in ``<folder>.propseg``,
-        any other in ``<folder>.series-<8 hex digits of its UID>.propseg``.
-    """
-    path = geometry.get("path")
-    if path:
-        p = Path(path)
-        stem = p.name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-            if stem.lower().endswith(ext):
-                stem = stem[: -len(ext)]
-                break
-        name = stem + _series_tag(geometry) + SESSION_SUFFIX
-        base = Path(folder) if folder is not None else p.parent
-    else:
-        name = "image-" + fingerprint(geometry) + SESSION_SUFFIX
-        base = Path(folder) if folder is not None else default_session_home()
-    return base.expanduser() / name
-
-
-def _series_tag(geometry: dict) -> str:
-    """``.series-<hash>`` for a DICOM series that is not its folder's default one, else ''."""
-    meta = geometry.get("meta") or {}
-    uid = str(meta.get("series_uid") or "")
-    series = [s for s in (meta.get("series") or []) if isinstance(s, dict)]
-    if not uid or len(series) < 2 or str(series[0].get("uid") or "") == uid:
-        return ""
-    return ".series-" + hashlib.sha1(uid.encode()).hexdigest()[:8]
-
-
 class Session:
-    """Labels, anchors, locks, settings and undo history of one image.
+    """Labels, anchors, locks, settings, undo history and run bookkeeping of one image.
 
     Args:
         labels: (Z, Y, X) integer label volume; the session owns and edits this array
@@ -522,13 +176,22 @@ class Session:
         self.last_saved = 0.0
         self.content_key = content_key
         self.label_names: dict[int, str] = {int(k): str(v) for k, v in (label_names or {}).items()}
+        #: slices whose anchors changed since the last run: the next run re-propagates
+        #: only the gaps next to them (once a first propagation was applied)
+        self.changed_since: set[int] = set()
+        self.propagated = False
+        #: the engine of the last run (re-propagation reuses its caches; Check next asks it)
+        self.engine: Any = None
+        self.engine_key: tuple | None = None
+        self._save_lock = threading.Lock()
 
     # ------------------------------------------------------------------ anchors
     def record_edit(self, zs: Iterable[int]) -> list[int]:
         """The clinician painted/erased/filled slices ``zs``: make them anchors.
 
         A slice that now holds labels becomes ``corrected``; one left empty becomes
-        ``empty`` (the clinician erased it on purpose).
+        ``empty`` (the clinician erased it on purpose). They count as changed for the
+        next run.
 
         Returns:
             The slices recorded, ascending.
@@ -539,6 +202,7 @@ class Session:
             done.append(z)
         if done:
             self.dirty = True
+            self.changed_since.update(done)
         return done
 
     def set_suggested(self, zs: Iterable[int], masks: np.ndarray | None = None,
@@ -570,7 +234,32 @@ class Session:
                 self.suggest_agreement[z] = float(agreement[z])
             done.append(z)
         self.dirty = self.dirty or bool(done)
+        self.changed_since.update(done)
         return done
+
+    def apply_suggestion(self, sugg: Any, own_names: dict[int, str] | None = None) -> tuple[list[int], str]:
+        """Take a reference-module :class:`~napari_propseg.reference.inference.Suggestion`
+        (from :func:`suggest`) into the session: its masks on its slices as ``suggested``
+        anchors (:meth:`set_suggested`) and its model's organ names (``own_names``, the
+        labels file's own, win).
+
+        Returns:
+            ``(slices that became anchors, a sentence naming the organs left out where the
+            reference networks disagreed, or "")``.
+        """
+        masks = np.asarray(sugg.labels)[list(sugg.slices)]
+        zs = self.set_suggested(sugg.slices, masks, getattr(sugg, "agreement", None))
+        model_names = {int(i): str(n) for i, n in (getattr(sugg, "label_map", None) or {}).items() if int(i) > 0}
+        if model_names:  # the classes of the model that made the suggestion
+            self.label_names = {**self.label_names, **model_names, **(own_names or {})}
+        dropped = getattr(sugg, "dropped", None) or {}
+        left_out = ""
+        if dropped:
+            names = getattr(sugg, "label_map", None) or {}
+            organs = sorted({names.get(c, str(c)) for cs in dropped.values() for c in cs})
+            left_out = (f" Left out where the two networks disagree ({len(dropped)} slices): {', '.join(organs)};"
+                        " draw them by hand there.")
+        return zs, left_out
 
     def next_unverified(self) -> int | None:
         """The ``suggested`` anchor to check first: the reference module's output that the
@@ -585,17 +274,24 @@ class Session:
         """Make slice ``z`` an anchor as it is now (the Mark anchor button): a slice that is
         not an anchor becomes one (``corrected``, or ``empty`` when it holds no label), a
         ``suggested`` one is confirmed (``corrected``), an anchor stays an anchor (its status
-        follows its content). Never removes an anchor.
+        follows its content). Never removes an anchor; a changed status counts as a change
+        for the next run.
 
         Returns:
             The slice's status afterwards.
         """
-        self.record_edit([z])
-        return str(self.anchors.status(z))
+        z = int(z)
+        before = self.anchors.status(z)
+        status = "corrected" if self.labels[z].any() else "empty"
+        self.anchors.set(z, status)
+        self.dirty = True
+        if before != status:
+            self.changed_since.add(z)
+        return status
 
     def remove_anchor(self, z: int) -> str | None:
         """Remove slice ``z`` from the anchors (the Remove anchor button). Its labels stay,
-        but the next propagation may change them.
+        but the next propagation may change them (it recomputes the merged gap around it).
 
         Returns:
             The status it had (None when it was no anchor).
@@ -604,7 +300,50 @@ class Session:
         if status is not None:
             self.anchors.remove(z)
             self.dirty = True
+            self.changed_since.add(int(z))
         return status
+
+    def toggle_lock(self, label: int) -> bool:
+        """Lock label id ``label`` (propagation never changes it) or unlock it; returns
+        whether it is locked now."""
+        label = int(label)
+        if label in self.locked:
+            self.locked.discard(label)
+        else:
+            self.locked.add(label)
+        self.dirty = True
+        return label in self.locked
+
+    def check_next(self) -> int | None:
+        """The slice most worth checking: an unverified suggested slice first
+        (:meth:`next_unverified`), then the slice the last run's engine names
+        (``engine.suggest_next(confidence, anchors)``), else the non-anchor slice of lowest
+        confidence, else, before any propagation, the labeled slice farthest from every
+        anchor. None when every slice is a verified anchor."""
+        z_sug = self.next_unverified()
+        if z_sug is not None:
+            return z_sug
+        if self.engine is not None and self.confidence is not None and hasattr(self.engine, "suggest_next"):
+            try:
+                return int(self.engine.suggest_next(self.confidence, self.anchors.zs))
+            except InputError:
+                pass
+        z_all = np.arange(self.labels.shape[0])
+        free = np.ones(len(z_all), bool)
+        free[self.anchors.zs] = False
+        if not free.any():
+            return None
+        if self.confidence is not None and self.confidence.shape == (len(z_all),):
+            conf = np.where(free & np.isfinite(self.confidence), self.confidence, np.inf)
+            if np.isfinite(conf).any():
+                return int(np.argmin(conf))
+        filled = self.labels.reshape(len(z_all), -1).any(axis=1) & free
+        candidates = z_all[filled] if filled.any() else z_all[free]
+        if not len(self.anchors):
+            return int(candidates[len(candidates) // 2])
+        anchors = np.asarray(self.anchors.zs)
+        dist = np.abs(candidates[:, None] - anchors[None, :]).min(axis=1)
+        return int(candidates[int(np.argmax(dist))])
 
     # ------------------------------------------------------------------ propagation
     def propagation_inputs(self) -> tuple[np.ndarray, list[int]]:
@@ -614,6 +353,88 @@ class Session:
                 "There are no anchor slices yet; paint labels on at least one slice (or press Suggest) before propagating."
             )
         return self.labels.copy(), self.anchors.zs
+
+    def pending_changes(self) -> list[int] | None:
+        """The slices the next run re-propagates around; None = a full propagation (no
+        propagation applied yet, or nothing changed since)."""
+        return sorted(self.changed_since) if self.propagated and self.changed_since else None
+
+    def forget_engine(self) -> None:
+        """Drop the cached engine (the method, device or CT weight changed)."""
+        self.engine, self.engine_key = None, None
+
+    def begin_run(self, *, method: str, device: str = "auto", spacing: Sequence[float] | None = None,
+                  image_weight: float | None = None, volume_id: Any = None) -> PropagationRun:
+        """Plan a propagation (a re-propagation around :meth:`pending_changes` once one was
+        applied); run it with :meth:`PropagationRun.execute` and take it back with
+        :meth:`apply_steps` / :meth:`apply_outcome`.
+
+        Args:
+            method, device: the engine's.
+            spacing: ``(sz, sy, sx)`` mm of the image.
+            image_weight: the CT weight (None: auto).
+            volume_id: identifies the image (the cached engine is reused only for the same).
+
+        Raises:
+            InputError: there is no anchor yet.
+        """
+        if not len(self.anchors):
+            self.propagation_inputs()  # the InputError
+        labels, anchors = self.labels, self.anchors.zs
+        spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        key = (volume_id, method, device, spacing, image_weight)
+        return PropagationRun(labels=labels, anchors=anchors, changed=self.pending_changes(),
+                              locked=tuple(sorted(self.locked)), method=method, device=device, spacing=spacing,
+                              image_weight=image_weight, engine=self.engine if self.engine_key == key else None,
+                              key=key, pending=frozenset(self.changed_since))
+
+    def apply_steps(self, outcome: RunOutcome, chunk_voxels: int = APPLY_CHUNK_VOXELS) -> Iterator[None]:
+        """Write a run's result back into :attr:`labels` a few slices at a time.
+
+        A generator: each ``next()`` writes about ``chunk_voxels`` voxels (a GUI runs one
+        step per event-loop turn); its return value (``StopIteration.value``) is the
+        :class:`RunSummary`. The anchors and locks as they are now win (the clinician may
+        have painted while the engine ran); one undo step holds the slices changed.
+        """
+        run = outcome.run
+        anchors = set(self.anchors.zs)
+        todo = [z for z in outcome.candidates if z not in anchors]
+        ids = np.fromiter(self.locked, dtype=np.int64)
+        per = max(1, int(chunk_voxels) // max(1, int(np.prod(self.labels.shape[1:]))))
+        changed: list[int] = []
+        before: list[np.ndarray] = []
+        for i in range(0, len(todo), per):
+            zs = todo[i:i + per]
+            new = outcome.new[zs]
+            old = self.labels[zs]
+            if ids.size:
+                keep = np.isin(old, ids) | np.isin(new, ids)
+                new[keep] = old[keep]
+            differs = (new != old).reshape(len(zs), -1).any(axis=1)
+            for j in np.flatnonzero(differs):
+                before.append(old[j])
+                self.labels[zs[j]] = new[j]
+                changed.append(int(zs[j]))
+            yield
+        if changed:
+            self.undo_stack.push(UndoStep(run.description, np.asarray(changed, dtype=np.int64), np.stack(before)))
+            self.dirty = True
+        confidence = getattr(outcome.result, "confidence", None)
+        if confidence is not None:
+            self.confidence = np.asarray(confidence, dtype=np.float32).reshape(-1)
+        self.engine, self.engine_key = outcome.engine, run.key
+        self.changed_since -= run.pending
+        self.propagated = True
+        return summarize(outcome, changed)
+
+    def apply_outcome(self, outcome: RunOutcome) -> RunSummary:
+        """:meth:`apply_steps` in one go."""
+        steps = self.apply_steps(outcome)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
 
     def apply_result(self, new_labels: np.ndarray, description: str,
                      confidence: np.ndarray | None = None) -> list[int]:
@@ -630,17 +451,7 @@ class Session:
         Returns:
             The slices that changed (written into ``self.labels`` in place).
         """
-        new = np.asarray(new_labels)
-        if new.shape != self.labels.shape:
-            raise ValueError(f"result shape {new.shape} differs from the labels' {self.labels.shape}")
-        new = new.astype(self.labels.dtype, copy=True)
-        zs = self.anchors.zs
-        if zs:
-            new[zs] = self.labels[zs]
-        if self.locked:
-            ids = np.fromiter(self.locked, dtype=np.int64)
-            keep = np.isin(self.labels, ids) | np.isin(new, ids)
-            new[keep] = self.labels[keep]
+        new = merge_result(self.labels, new_labels, self.anchors.zs, self.locked)
         changed = changed_slices(self.labels, new)
         if changed:
             idx = np.asarray(changed, dtype=np.int64)
@@ -684,37 +495,36 @@ class Session:
         self.dirty = True
         return restored
 
-    def check_next(self) -> int | None:
-        """The slice most worth checking: an unverified suggested slice first
-        (:meth:`next_unverified`), then the non-anchor slice of lowest confidence (as the
-        engine's ``suggest_next``), else, before any propagation, the labeled slice
-        farthest from every anchor. None when every slice is a verified anchor."""
-        z_sug = self.next_unverified()
-        if z_sug is not None:
-            return z_sug
-        z_all = np.arange(self.labels.shape[0])
-        free = np.ones(len(z_all), bool)
-        free[self.anchors.zs] = False
-        if not free.any():
-            return None
-        if self.confidence is not None and self.confidence.shape == (len(z_all),):
-            conf = np.where(free & np.isfinite(self.confidence), self.confidence, np.inf)
-            if np.isfinite(conf).any():
-                return int(np.argmin(conf))
-        filled = self.labels.reshape(len(z_all), -1).any(axis=1) & free
-        candidates = z_all[filled] if filled.any() else z_all[free]
-        if not len(self.anchors):
-            return int(candidates[len(candidates) // 2])
-        anchors = np.asarray(self.anchors.zs)
-        dist = np.abs(candidates[:, None] - anchors[None, :]).min(axis=1)
-        return int(candidates[int(np.argmax(dist))])
+    # ------------------------------------------------------------------ export
+    def export(self, path: str | os.PathLike, fmt: str | None = None,
+               names: dict[int, str] | None = None) -> tuple[Path, Path, int]:
+        """Write the labels on the image's grid and the organ names (default:
+        :attr:`label_names`) beside them (:func:`~napari_propseg.session_store.export_labels`).
+
+        Returns:
+            ``(label file, label map JSON, number of label ids present)``.
+        """
+        if self.geometry is None:
+            raise InputError("The image layer carries no CT geometry; open the CT with PropSeg's reader to export.")
+        present = ids_in(self.labels)
+        names = self.label_names if names is None else names
+        label_map = {i: names.get(i, f"label_{i}") for i in sorted((present | set(names)) - {0})}
+        written, json_path = export_labels(self.labels, self.geometry, path, fmt, label_map)
+        return written, json_path, len(present)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | os.PathLike | None = None) -> Path:
-        """Write labels, anchors, locks, settings and confidence atomically.
+    def snapshot(self, copy: bool = True) -> SessionSnapshot:
+        """What :meth:`save` writes, detached from this session (the labels are copied,
+        unless ``copy`` is False)."""
+        return SessionSnapshot(
+            labels=self.labels.copy() if copy else self.labels, geometry=self.geometry, content_key=self.content_key,
+            anchors=self.anchors.to_list(), locked=sorted(self.locked), suggest_agreement=dict(self.suggest_agreement),
+            label_names=dict(self.label_names), settings=dict(self.settings),
+            confidence=None if self.confidence is None else self.confidence.copy())
 
-        The labels go to a new ``labels-<n>.npz``; ``session.json`` (which names it) is
-        then replaced in one rename, so a crash leaves the previous session readable.
+    def save(self, folder: str | os.PathLike | None = None) -> Path:
+        """Write labels, anchors, locks, settings and confidence atomically
+        (:func:`~napari_propseg.session_store.write_session`); waits for a background save.
 
         Args:
             folder: where the session folder goes (see :func:`session_dir`).
@@ -725,69 +535,50 @@ class Session:
         Raises:
             InputError: the folder cannot be written.
         """
-        if self.geometry is None and folder is None:
-            raise InputError("This labels volume has no image file; choose a folder to save the session in.")
-        geometry = self.geometry or {"shape": list(self.labels.shape), "spacing": [1, 1, 1], "origin": [0, 0, 0],
-                                     "direction": np.eye(3).tolist(), "path": None, "source": {}, "meta": {}}
-        target = session_dir(geometry, folder)
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(target)
-            old = _read_json(target / "session.json")
-            counter = int(old.get("counter", 0)) + 1 if old else 1
-            labels_name = f"labels-{counter}.npz"
-            while (target / labels_name).exists():  # e.g. left by a session.json that is now damaged
-                counter += 1
-                labels_name = f"labels-{counter}.npz"
-            confidence = self.confidence if self.confidence is not None else np.zeros(0, np.float32)
-            atomic_write(target / labels_name,
-                         lambda tmp: np.savez_compressed(tmp, labels=self.labels, confidence=confidence),
-                         what="session labels")
-            doc = {
-                "format": SESSION_FORMAT,
-                "counter": counter,
-                "fingerprint": fingerprint(geometry),
-                "content_key": self.content_key,
-                "geometry": geometry,
-                "labels_file": labels_name,
-                "anchors": self.anchors.to_list(),
-                "locked": sorted(int(i) for i in self.locked),
-                "suggest_agreement": {str(z): float(a) for z, a in self.suggest_agreement.items()},
-                "label_names": {str(int(k)): str(v) for k, v in sorted(self.label_names.items())},
-                "settings": _jsonable(self.settings),
-                "saved_at": time.time(),
-            }
-            atomic_write_text(target / "session.json", json.dumps(doc, indent=1), what="session file")
-            for stale in target.glob("labels-*.npz"):
-                if stale.name != labels_name:
-                    stale.unlink(missing_ok=True)
-        except InputError as exc:  # OutputError of the atomic writer: one sentence already
-            raise InputError(f"Cannot save the session in {target}: {exc}") from exc
-        except OSError as exc:
-            raise InputError(f"Cannot save the session in {target}: {exc.strerror or exc}; choose a writable folder.") from exc
+        snap = self.snapshot()
+        with self._save_lock:
+            target = write_session(snap, folder)
         self.dirty = False
         self.saved_path = target
         self.last_saved = time.time()
-        self._write_index(target)
-        log.info("session saved in %s", target)
         return target
 
-    def _write_index(self, target: Path) -> None:
-        """Record ``content key -> session folder`` in the cache folder (best effort)."""
-        if not self.content_key:
-            return
-        entry = {"folder": str(Path(target).resolve()), "image": (self.geometry or {}).get("path"),
-                 "saved_at": time.time()}
-        try:
-            session_index_dir().mkdir(parents=True, exist_ok=True)
-            atomic_write_text(_index_file(self.content_key), json.dumps(entry, indent=1), what="session index entry")
-        except (InputError, OSError) as exc:
-            log.warning("could not index the session %s: %s", target, exc)
+    def save_in_background(self, folder: str | os.PathLike | None = None,
+                           on_done: Callable[[Path | None, Exception | None], None] | None = None) -> threading.Thread:
+        """:meth:`save` in a thread: the labels are copied now, compressed and written there.
+
+        ``on_done(folder, None)`` or ``on_done(None, error)`` is called in that thread; a
+        failed save leaves the session dirty. The labels are copied in the thread, slice by
+        slice (a stroke painted during that copy may be half in this save; it is dirty and
+        in the next one).
+        """
+        snap = self.snapshot(copy=False)
+        self.dirty = False
+
+        def work():
+            target, error = None, None
+            try:
+                snap.labels = copy_slices(snap.labels)
+                with self._save_lock:
+                    target = write_session(snap, folder)
+                self.saved_path, self.last_saved = target, time.time()
+            except Exception as exc:  # noqa: BLE001 - reported through on_done
+                self.dirty, error = True, exc
+            try:
+                if on_done is not None:
+                    on_done(target, error)
+            except Exception:  # noqa: BLE001 - e.g. the widget was closed meanwhile
+                log.debug("autosave callback failed", exc_info=True)
+
+        thread = threading.Thread(target=work, name="propseg-autosave", daemon=False)
+        thread.start()
+        return thread
 
     @classmethod
     def load(cls, folder: str | os.PathLike, geometry: dict | None = None,
              content_key: str | None = None) -> "Session":
-        """Read a session folder written by :meth:`save`.
+        """Read a session folder written by :meth:`save`
+        (:func:`~napari_propseg.session_store.read_session`).
 
         Args:
             folder: the session folder.
@@ -800,125 +591,29 @@ class Session:
             BrokenSessionError: the session file or its labels are damaged (truncated).
             InputError: no session there, or one of another image.
         """
-        folder = Path(folder)
-        remove_stale_temporaries(folder)
-        doc_path = folder / "session.json"
-        doc = _read_json(doc_path)
-        if doc is None and doc_path.is_file():
-            raise BrokenSessionError(f"The session file {doc_path} is damaged (not readable JSON).", folder, doc_path)
-        if not doc or doc.get("format") != SESSION_FORMAT:
-            raise InputError(f"{folder} holds no readable PropSeg session; start a new one or pick another folder.")
-        if geometry is not None and not _belongs(doc, geometry, content_key):
-            raise InputError(
-                f"The session in {folder} belongs to another image ({(doc.get('geometry') or {}).get('path')}); "
-                "open that image to resume it."
-            )
-        labels_path = folder / str(doc.get("labels_file"))
-        if not labels_path.is_file():
-            raise BrokenSessionError(f"The labels file {labels_path} of the session is missing.", folder, labels_path)
-        try:
-            with np.load(labels_path) as z:
-                labels = z["labels"].copy()
-                conf = z["confidence"].copy()
-        except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, KeyError, ...
-            raise BrokenSessionError(
-                f"The labels file {labels_path} of the session is damaged ({type(exc).__name__}: {exc}).", folder, labels_path
-            ) from exc
-        names = {int(k): str(v) for k, v in (doc.get("label_names") or {}).items()}
-        s = cls(labels, geometry or doc["geometry"], doc.get("settings") or {},
-                content_key=content_key or doc.get("content_key"), label_names=names)
-        s.anchors = AnchorBook.from_list(labels.shape[0], doc.get("anchors") or [])
-        s.locked = {int(i) for i in doc.get("locked") or []}
-        s.suggest_agreement = {int(z): float(a) for z, a in (doc.get("suggest_agreement") or {}).items()}
-        s.confidence = conf if conf.size == labels.shape[0] else None
-        s.saved_path = folder
-        s.last_saved = float(doc.get("saved_at") or 0.0)
+        snap, saved_at = read_session(folder, geometry, content_key)
+        s = cls(snap.labels, snap.geometry, snap.settings, content_key=snap.content_key, label_names=snap.label_names)
+        s.anchors = AnchorBook.from_list(snap.labels.shape[0], snap.anchors)
+        s.locked = set(snap.locked)
+        s.suggest_agreement = dict(snap.suggest_agreement)
+        s.confidence = snap.confidence
+        s.propagated = snap.confidence is not None
+        s.saved_path = Path(folder)
+        s.last_saved = saved_at
         return s
 
 
-def _belongs(doc: dict, geometry: dict, key: str | None) -> bool:
-    """Whether a session document is of this image: by content key when both have one,
-    else (older sessions, images without voxels) by the path-based fingerprint."""
-    if key and doc.get("content_key"):
-        return doc["content_key"] == key
-    try:
-        return doc.get("fingerprint") == fingerprint(geometry)
-    except (KeyError, TypeError, ValueError):
-        return False
+# --------------------------------------------------------------------------- engine and reference module
 
 
-def find_session(geometry: dict, folder: str | os.PathLike | None = None,
-                 content_key: str | None = None) -> Path | None:
-    """The saved session of this image, if any. Never raises.
+def suggest(volume_hu: np.ndarray, *, k: int | None = None, device: str = "auto", model: str | None = None,
+            progress: ProgressFn = None, cancel: CancelFn = None) -> Any:
+    """Run the reference module on ``k`` slices (blocking; the widget calls it in a worker):
+    :func:`napari_propseg.reference.inference.suggest_slices`; take the result in with
+    :meth:`Session.apply_suggestion`."""
+    from .reference import inference
 
-    Looks beside the image first (:func:`session_dir`; a session folder moved with its
-    image is recognised by ``content_key``), then in the content-keyed index of the cache
-    folder (a session left behind when the image alone was moved). Stale temporary files
-    of a killed save are removed from the folder found.
-
-    Returns:
-        The session folder; also a folder whose ``session.json`` is damaged (then
-        :meth:`Session.load` raises :class:`BrokenSessionError`), or None.
-    """
-    candidates: list[Path] = []
-    try:
-        candidates.append(session_dir(geometry, folder))
-    except (KeyError, TypeError, ValueError):
-        pass
-    if content_key:
-        entry = _read_json(_index_file(content_key))
-        if entry and entry.get("folder"):
-            candidates.append(Path(entry["folder"]))
-    for i, target in enumerate(candidates):
-        try:
-            doc_path = target / "session.json"
-            if not doc_path.is_file():
-                continue
-            remove_stale_temporaries(target)
-            doc = _read_json(doc_path)
-            if doc is None:
-                if i == 0:  # beside the image under its name: its session, damaged
-                    return target
-                continue
-            if doc.get("format") == SESSION_FORMAT and _belongs(doc, geometry, content_key):
-                return target
-        except OSError:
-            continue
-    return None
-
-
-def keep_aside(folder: str | os.PathLike, tag: str = "previous", when: float | None = None) -> list[Path]:
-    """Rename a session's ``session.json`` and labels files to ``<name>.<tag>-<YYYYmmdd-HHMMSS>``
-    so that a new session can be saved in the same folder without destroying them.
-
-    Returns:
-        The new paths of the renamed files.
-    """
-    folder = Path(folder)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
-    moved = []
-    files = [folder / "session.json"] + sorted(folder.glob("labels-*.npz"))
-    for f in files:
-        if not f.is_file():
-            continue
-        dest = f.with_name(f"{f.name}.{tag}-{stamp}")
-        n = 1
-        while dest.exists():
-            n += 1
-            dest = f.with_name(f"{f.name}.{tag}-{stamp}-{n}")
-        try:
-            os.replace(f, dest)
-            moved.append(dest)
-        except OSError as exc:
-            log.warning("could not keep %s aside: %s", f, exc)
-    return moved
-
-
-def quarantine_session(folder: str | os.PathLike, when: float | None = None) -> list[Path]:
-    """Keep a damaged session aside: its ``session.json`` and labels files become
-    ``<name>.broken-<YYYYmmdd-HHMMSS>`` (:func:`keep_aside`), so a new session can start in
-    the same folder. Returns the new paths."""
-    return keep_aside(folder, "broken", when)
+    return inference.suggest_slices(volume_hu, k=k, device=device, progress=progress, cancel=cancel, model=model)
 
 
 def run_propagation(volume_hu: np.ndarray, labels: np.ndarray, anchors: list[int], *, method: str = "stcn",
@@ -974,26 +669,8 @@ def make_engine(volume_hu: np.ndarray, *, method: str = "stcn", device: str = "a
     model between anchors, :mod:`napari_propseg.propagation.appearance`; 0 = off) are
     passed to the factory only when given, so factories that do not take them keep working.
     """
-    if engine_factory is None:
-        try:
-            from .propagation.engine import PropagationEngine as engine_factory  # noqa: N813
-        except ImportError as exc:
-            raise InputError(
-                "The propagation engine is not available in this installation; reinstall napari-propseg."
-            ) from exc
-    kwargs: dict[str, Any] = {"method": method, "device": device}
-    if spacing is not None:
-        kwargs["spacing"] = tuple(float(v) for v in spacing)
-    if image_weight is not None:
-        kwargs["appearance"] = {"weight": float(image_weight)}
-    return engine_factory(volume_hu, **kwargs)
+    from .pipeline import EngineSettings, make_engine as build
 
+    return build(volume_hu, EngineSettings(method=method, device=device, image_weight=image_weight), spacing=spacing,
+                 engine_factory=engine_factory)
 
-# --------------------------------------------------------------------------- files
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -122,6 +122,7 @@ def test_engine_interp_uses_the_image_and_keeps_its_options():
         PropagationEngine(vol, method="interp", network_weight=-0.5)
 
 
+@pytest.mark.slow
 def test_engine_stcn_guided_path_with_the_shipped_weights():
     """With the shipped weights the guided STCN path keeps the anchors bit-identical and
     follows the organ; with network weight 0 it runs no network pass at all."""
@@ -134,27 +135,28 @@ def test_engine_stcn_guided_path_with_the_shipped_weights():
         assert (eng.stats["passes_run"] == 0) == (nw == 0.0)
 
 
-def test_the_network_term_enters_the_guided_fusion(monkeypatch):
+@pytest.mark.slow
+def test_the_network_term_enters_the_guided_fusion():
     """A (fake) network that claims the organ everywhere widens it by a bounded margin when
     listened to (network weight 1), not at all at weight 0."""
     import torch
 
     vol, gt, seeds, anchors = _bending_organ(depth=9, size=96)
 
-    def greedy_pass(self, start, start_values, targets, *, stop, tick, cancel):
+    def greedy_pass(start, start_values, targets, *, stop, tick, cancel):
         out = {}
+        r = eng.resolution
         for z in targets:
-            p = torch.zeros(start_values.shape[1] + 1, self.model.resolution, self.model.resolution, dtype=torch.uint8)
+            p = torch.zeros(start_values.shape[1] + 1, r, r, dtype=torch.uint8)
             p[1] = 255
             out[z] = p
             tick(z)
         return out
 
-    monkeypatch.setattr(PropagationEngine, "_pass", greedy_pass)
     area = {}
     for nw in (0.0, 1.0):
         eng = PropagationEngine(vol, method="stcn", device="cpu", spacing=SPACING, network_weight=nw,
-                                appearance={"weight": 0.5})
+                                appearance={"weight": 0.5}, network_pass=greedy_pass)
         area[nw] = int((eng.propagate(seeds, anchors).labels[1:8] == 1).sum())
     assert area[1.0] > area[0.0] + 25
     assert area[1.0] < 96 * 96 * 7 / 4  # bounded: the prior's log-odds still win far from the organ
@@ -335,14 +337,12 @@ def test_each_gap_weight_depends_only_on_its_neighbourhood(monkeypatch):
     the weights of the far gaps as they were, and the re-propagated gaps equal those of a
     fresh full propagation with the same anchors."""
     import napari_propseg.propagation.appearance as app
-    from napari_propseg.propagation import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "WEIGHT_SCOPE", "gap")
     vol, gt = _several_organs(depth=25)
     anchors = [0, 6, 12, 18, 24]
     seeds = np.zeros_like(gt)
     seeds[anchors] = gt[anchors]
-    eng = PropagationEngine(vol, method="interp", spacing=SPACING)
+    eng = PropagationEngine(vol, method="interp", spacing=SPACING, weight_scope="gap")
     first = eng.propagate(seeds, anchors)
     assert set(eng.gap_weights) == {(0, 6), (6, 12), (12, 18), (18, 24)}
     before = dict(eng.gap_weights)
@@ -359,20 +359,53 @@ def test_each_gap_weight_depends_only_on_its_neighbourhood(monkeypatch):
     for z in range(25):
         if z not in res.computed:
             np.testing.assert_array_equal(res.labels[z], labels[z])
-    fresh = PropagationEngine(vol, method="interp", spacing=SPACING).propagate(labels, new)
+    fresh = PropagationEngine(vol, method="interp", spacing=SPACING, weight_scope="gap").propagate(labels, new)
     np.testing.assert_array_equal(res.labels[7:12], fresh.labels[7:12])
 
 
 def test_volume_scope_keeps_one_weight(monkeypatch):
-    from napari_propseg.propagation import engine as engine_mod
     from napari_propseg.propagation.appearance import choose_weight
 
-    monkeypatch.setattr(engine_mod, "WEIGHT_SCOPE", "volume")
     vol, gt = _several_organs(depth=25)
     anchors = [0, 6, 12, 18, 24]
     seeds = np.zeros_like(gt)
     seeds[anchors] = gt[anchors]
-    eng = PropagationEngine(vol, method="interp", spacing=SPACING)
+    eng = PropagationEngine(vol, method="interp", spacing=SPACING, weight_scope="volume")
     eng.propagate(seeds, anchors)
     assert eng.gap_weights == {}
     assert (eng.image_weight, eng.image_weight_scores) == choose_weight(vol, seeds, anchors, SPACING, AppearanceOptions())
+
+
+def test_the_numpy_fusion_with_a_network_term_gives_the_torch_fusions_labels():
+    """With the STCN network's term (``n log max(p, floor)``, here a random field that
+    claims labels everywhere) the boxes grow by its spread and the labels stay those of
+    the whole-slice torch fusion."""
+    import math
+
+    import torch
+
+    from napari_propseg.propagation.appearance import LOGLIK_SPAN, guided_indices
+    from napari_propseg.propagation.gap import GuidedGap
+    from napari_propseg.propagation.interp import _bracket_sdf
+    from napari_propseg.propagation.stcn_fusion import NETWORK_FLOOR
+
+    vol, gt = _several_organs()
+    a, b = 0, 8
+    ids = [1, 2, 3]
+    opt = AppearanceOptions()
+    model = GapAppearance(vol[a], vol[b], gt[a], gt[b], ids, 1.0, opt)
+    sdfs = [_bracket_sdf(gt[a] == i, gt[b] == i) for i in ids]
+    rng = np.random.default_rng(3)
+    for nw in (0.5, 1.0):
+        for z in (2, 4):
+            wa = (b - z) / (b - a)
+            tau = tau_pixels(opt, z, a, b, SPACING)
+            d = torch.from_numpy(np.stack([wa * da + (1.0 - wa) * db for da, db in sdfs]).astype(np.float32))
+            p = torch.from_numpy(rng.dirichlet(np.ones(4), size=gt.shape[1:]).astype(np.float32)).permute(2, 0, 1)
+            extra = nw * torch.log(p.clamp_min(NETWORK_FLOOR))
+            ref = guided_indices(d, vol[z], model, wa, tau, 0.5, extra)
+            g = GuidedGap(gt[a], gt[b], ids, LOGLIK_SPAN * 0.5 + nw * math.log(1 / NETWORK_FLOOR), tau)
+            got = np.zeros_like(ref)
+            y0, y1, x0, x1 = g.union
+            got[y0:y1, x0:x1] = g.fill(wa, tau, vol[z], model.log_table(wa), [0.5], extra.numpy())[0]
+            assert (got != ref).sum() <= 2, (nw, z, (got != ref).sum())  # float ties at most

@@ -82,6 +82,7 @@ def test_peak_memory_sees_a_large_allocation():
     assert math.isnan(rss_only.traced_mb) and rss_only.peak_mb == rss_only.rss_delta_mb
 
 
+@pytest.mark.slow
 def test_mci_interpolates_between_anchors_and_keeps_them():
     pytest.importorskip("itk")
     lab = np.zeros((9, 24, 24), np.uint8)
@@ -108,6 +109,7 @@ def _phantom(shape=(24, 48, 48)):
     return make_phantom_case(shape, (6.0, 6.0, 6.0), seed=1)
 
 
+@pytest.mark.slow
 def test_run_k_slice_classical_on_phantom(tmp_path):
     pytest.importorskip("napari_propseg.propagation.interp")
     case = _phantom()
@@ -259,6 +261,7 @@ def test_loop_skips_stcn_without_weights_and_runs_interp_engine(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_bench_propagate_phantom(tmp_path, capsys):
     pytest.importorskip("napari_propseg.propagation.interp")
     from napari_propseg.cli import main

@@ -122,6 +122,7 @@ def test_bench_case_scores_only_present_organs(tmp_path):
         list(iter_dataset_cases(root, split="test"))
 
 
+@pytest.mark.slow
 def test_bench_propagate_dataset_cli(tmp_path, one_torch_thread):
     from napari_propseg.cli import main
 
@@ -153,6 +154,7 @@ def test_openkbp_manifest_reads(shared_data):
     assert partial, "OpenKBP has cases with organs the clinic did not contour"
 
 
+@pytest.mark.slow
 def test_bench_loop_dataset_cli(tmp_path, one_torch_thread):
     """The acceptance form of the correction-loop benchmark over a dataset folder keeps its JSON."""
     from napari_propseg.cli import main

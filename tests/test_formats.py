@@ -169,6 +169,7 @@ def test_property_codes_for_names():
 # --------------------------------------------------------------------------- dcmqi: every format
 
 
+@pytest.mark.slow
 def test_dicom_seg_export_opens_with_highdicom_same_voxels(dcmqi, tmp_path):
     import highdicom as hd
 
@@ -261,6 +262,7 @@ def test_nifti_nrrd_export_with_label_map_beside(dcmqi, tmp_path, name):
     assert json.loads(label_map_path(out).read_text()) == {"0": "background", "1": "liver", "2": "spine", "3": "heart"}
 
 
+@pytest.mark.slow
 def test_cli_export_names_from_label_map_beside_and_evaluate_reads_seg(dcmqi, tmp_path, capsys):
     ct, lab = dcmqi
     truth = write_labels(lab, ct, tmp_path / "truth.nii.gz")

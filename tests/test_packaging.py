@@ -14,6 +14,7 @@ IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", 
                                 "outputs", "runs", ".whl", ".devdata", "models", "benchmarks", "docs")
 
 
+@pytest.mark.slow
 def test_wheel_contains_top_level_manifest(tmp_path):
     pytest.importorskip("setuptools")
     src = tmp_path / "src"

@@ -47,6 +47,7 @@ def _engine(ct, weights, **kw):
     return PropagationEngine(ct.array, weights=weights, device="cpu", spacing=ct.spacing, **kw)
 
 
+@pytest.mark.slow
 def test_adaptation_changes_a_copy_and_lowers_the_anchor_clip_loss(phantom, weights):
     ct, lab = phantom
     eng = _engine(ct, weights)
@@ -66,6 +67,7 @@ def test_adaptation_changes_a_copy_and_lowers_the_anchor_clip_loss(phantom, weig
     assert eng.model is base and eng.adaptation is None
 
 
+@pytest.mark.slow
 def test_adapted_propagation_keeps_anchors_and_recomputes_keys(phantom, weights):
     ct, lab = phantom
     seeds = np.zeros_like(lab.array)
@@ -85,11 +87,12 @@ def test_adapted_propagation_keeps_anchors_and_recomputes_keys(phantom, weights)
     assert not np.array_equal(res.labels, ref.labels)  # the adapted weights were used
 
     eng.adapt(seeds, ANCHORS, steps=2)  # new weights: every key is encoded again
-    assert eng.adaptation is not first and not eng._keys and not eng._values
+    assert eng.adaptation is not first and not eng.network.keys and not eng.network.values
     eng.propagate(seeds, ANCHORS)
     assert eng.stats["keys_encoded"] == 2 * keys_first
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_engine_weights(phantom, weights):
     ct, lab = phantom
     eng = _engine(ct, weights)
@@ -122,6 +125,7 @@ def test_bad_adaptation_requests(phantom, weights):
         adapt_stcn(eng.model, np.zeros((2, 3, RES, RES), np.float32), np.zeros((2, RES, RES), np.uint8), steps=-2)
 
 
+@pytest.mark.slow
 def test_cli_adapt_steps(phantom, weights, tmp_path, capsys):
     ct, lab = phantom
     img = tmp_path / "ct.nii.gz"

@@ -140,6 +140,7 @@ def test_mismatched_networks_are_refused():
         suggest_slices(np.zeros((4, 4)), [a], device="cpu")
 
 
+@pytest.mark.slow
 def test_shipped_starter_weights_segment_an_unseen_phantom():
     """The weights in models/reference load through the default folder and find the large
     organs of a phantom seed they never saw (model card: liver 0.96 over all slices)."""

@@ -212,6 +212,7 @@ def test_keep_largest_component():
     assert out[5, 8, 8] == 0 and (out == 1).sum() == 27 and (out == 2).sum() == (lab == 2).sum()
 
 
+@pytest.mark.slow
 def test_segment_defaults_from_the_model(monkeypatch, tmp_path):
     """segment_k 'all' runs the pair on every slice (no propagation); largest_component cleans specks."""
     from napari_propseg.cli.segment import segment

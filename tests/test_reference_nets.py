@@ -29,6 +29,7 @@ def test_transunet_full_parameter_count(size):
     assert [len(s) for s in net.backbone.body] == [3, 4, 9]
 
 
+@pytest.mark.slow
 def test_transunet_full_forward_at_other_size_interpolates_position_embedding():
     torch.manual_seed(0)
     net = build_reference_model({"preset": "transunet", "num_classes": 14, "img_size": 224}).eval()
@@ -38,6 +39,7 @@ def test_transunet_full_forward_at_other_size_interpolates_position_embedding():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["transunet-small", "deeplabv3plus-small"])
 @pytest.mark.parametrize("size", [256, 512])
 @pytest.mark.parametrize("use_position", [True, False])

@@ -67,6 +67,7 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "nodata.yaml")
 
 
+@pytest.mark.slow
 def test_train_resume_and_weights(tmp_path, phantom_files):
     torch.manual_seed(0)
     cfg = _config(tmp_path, phantom_files, val_every=3)
@@ -91,6 +92,7 @@ def test_train_resume_and_weights(tmp_path, phantom_files):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_godc_sigmoid_yaml_config_and_cancel(tmp_path, phantom_files):
     import yaml
 
@@ -158,6 +160,7 @@ def test_shard():
         shard([1], 3, 2)
 
 
+@pytest.mark.slow
 def test_pseudo_label_folder_resumable_and_sharded(tmp_path, phantom_files, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
@@ -189,6 +192,7 @@ def test_pseudo_label_folder_resumable_and_sharded(tmp_path, phantom_files, monk
     assert pseudo_label_folder(src, paths, out, rank=0, world_size=1, device="cpu") == []
 
 
+@pytest.mark.slow
 def test_cli_suggest_segment_pseudo_label(tmp_path, phantom_files, monkeypatch, capsys):
     torch.manual_seed(0)
     wdir = tmp_path / "models" / "reference"

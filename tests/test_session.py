@@ -3,6 +3,7 @@ autosave/resume, paint-event parsing, engine plumbing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -432,7 +433,7 @@ def test_session_left_behind_is_found_through_the_index(tmp_path, monkeypatch):
 
 
 def test_save_uses_the_atomic_writer_and_cleans_stale_temporaries(tmp_path, monkeypatch):
-    import napari_propseg.session as session_mod
+    import napari_propseg.session_store as session_mod
     from napari_propseg.atomic import TMP_PREFIX
 
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
@@ -523,3 +524,122 @@ def _stamp(t):
     import time
 
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+# --------------------------------------------------------------------------- runs (the widget's propagate, without Qt)
+
+
+class _NearestEngine:
+    """Each non-anchor slice copies its nearest anchor; repropagate recomputes only the gaps
+    next to the changed slices. Records its calls."""
+
+    def __init__(self, vol, method="interp", device="cpu", **kw):
+        self.calls = []
+        self.kw = kw
+
+    def _fill(self, labels, anchors, zs):
+        out = labels.copy()
+        a = np.asarray(sorted(anchors))
+        for z in zs:
+            if z not in anchors:
+                out[z] = labels[a[np.argmin(np.abs(a - z))]]
+        conf = np.where(np.isin(np.arange(len(labels)), a), 1.0, 0.5).astype(np.float32)
+        return SimpleNamespace(labels=out, confidence=conf, computed=list(zs), seconds=0.0, left_empty=[])
+
+    def propagate(self, labels, anchors, *, locked_labels=(), progress=None, cancel=None):
+        self.calls.append(("propagate", tuple(anchors)))
+        return self._fill(labels, anchors, range(labels.shape[0]))
+
+    def repropagate(self, labels, anchors, changed, *, locked_labels=(), progress=None, cancel=None):
+        self.calls.append(("repropagate", tuple(anchors), tuple(changed)))
+        book = AnchorBook.from_list(labels.shape[0], [(z, "corrected") for z in anchors])
+        zs = sorted({z for c in changed for z in range(book.bracket(c)[0], book.bracket(c)[1] + 1)})
+        return self._fill(labels, anchors, zs)
+
+    def suggest_next(self, confidence, anchors):
+        return 7
+
+
+def test_run_bookkeeping_repropagates_only_around_changes_and_writes_back_in_steps(monkeypatch):
+    import napari_propseg.session as session_mod
+
+    built = []
+    monkeypatch.setattr(session_mod, "make_engine", lambda vol, **kw: built.append(kw) or _NearestEngine(vol, **kw))
+    vol = np.zeros((20, 8, 8), np.int16)
+    s = Session(np.zeros((20, 8, 8), np.uint8))
+    for z, v in ((2, 1), (10, 2), (17, 3)):
+        s.labels[z] = v
+    s.record_edit([2, 10, 17])
+    assert s.pending_changes() is None, "nothing propagated yet: a full propagation"
+    run = s.begin_run(method="interp", device="cpu", spacing=(2, 1, 1), volume_id="ct")
+    assert run.changed is None and run.description == "propagate (interp)" and run.engine is None
+    outcome = run.execute(vol)
+    assert built == [{"method": "interp", "device": "cpu", "spacing": (2.0, 1.0, 1.0), "image_weight": None}]
+    steps = s.apply_steps(outcome, chunk_voxels=3 * 64)  # three slices per step
+    n = 0
+    try:
+        while True:
+            next(steps)
+            n += 1
+    except StopIteration as stop:
+        summary = stop.value
+    assert n == 6, "17 changed slices, three per step"
+    assert summary.changed == [z for z in range(20) if z not in (2, 10, 17)] and summary.computed == list(range(20))
+    assert (s.labels[6] == 1).all() and (s.labels[7] == 2).all() and (s.labels[19] == 3).all()
+    assert len(s.undo_stack) == 1 and s.propagated and not s.changed_since
+    assert re.fullmatch(r"propagate \(interp\): 17 slices changed in \d+\.\d s\.", summary.text())
+    assert s.check_next() == 7, "Check next asks the engine of the last run"
+
+    # one corrected slice: the next run re-propagates only the gaps next to it, with the same engine
+    s.labels[13] = 4
+    s.record_edit([13])
+    run = s.begin_run(method="interp", device="cpu", spacing=(2, 1, 1), volume_id="ct")
+    assert run.changed == [13] and run.engine is s.engine and run.description == "re-propagate (interp)"
+    outcome = run.execute(vol)
+    s.labels[5] = 9  # painted while the engine ran: an anchor, kept, and counted for the next run
+    s.record_edit([5])
+    summary = s.apply_outcome(outcome)
+    assert len(built) == 1, "the engine is reused"
+    assert s.engine.calls[-1] == ("repropagate", (2, 10, 13, 17), (13,))
+    assert summary.computed == list(range(10, 18)) and set(summary.changed) <= set(range(11, 17))
+    assert (s.labels[5] == 9).all() and s.changed_since == {5}
+    assert s.pending_changes() == [5]
+    # another CT weight: a new engine
+    assert s.begin_run(method="interp", device="cpu", spacing=(2, 1, 1), image_weight=0.0, volume_id="ct").engine is None
+
+
+def test_run_summary_names_slices_left_empty():
+    from napari_propseg.session import RunSummary
+
+    text = RunSummary("propagate (interp)", [3, 4], [3, 4], 1.25, 1.0, 0.5, True, [0, 1, 2, 20, 21]).text()
+    assert text.startswith("propagate (interp): 2 slices changed in 1.2 s, CT weight 0.5 (auto). Slices 0-2, 20-21 ")
+
+
+def test_export_writes_the_label_file_and_its_label_map(tmp_path):
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom, label_names={1: "liver", 2: "spleen"})
+    s.labels[3, 2, 2] = 1
+    written, json_path, n = s.export(tmp_path / "case.nii.gz")
+    assert written == tmp_path / "case.nii.gz" and json_path == tmp_path / "case.labels.json" and n == 1
+    names = json.loads(json_path.read_text())
+    assert names["1"] == "liver" and names["2"] == "spleen"
+    np.testing.assert_array_equal(read_labels(written, volume_from_geometry(geom, s.labels)).array, s.labels)
+    with pytest.raises(InputError, match="export format"):
+        s.export(tmp_path / "case.png")
+
+
+def test_save_in_background_writes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom)
+    s.labels[2] = 1
+    s.record_edit([2])
+    done = []
+    s.save_in_background(on_done=lambda folder, exc: done.append((folder, exc))).join(60)
+    assert done == [(s.saved_path, None)] and s.saved_path is not None and not s.dirty
+    back = Session.load(s.saved_path, geom)
+    np.testing.assert_array_equal(back.labels, s.labels)
+    assert back.anchors.items() == [(2, "corrected")]
+    bare = Session(np.zeros((3, 2, 2), np.uint8))  # no image path and no folder: cannot be saved
+    bare.save_in_background(on_done=lambda folder, exc: done.append((folder, exc))).join(60)
+    assert done[-1][0] is None and isinstance(done[-1][1], InputError) and bare.dirty

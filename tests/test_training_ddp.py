@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, result_dir: str) -> 
     torch.save(record, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_parameters_in_sync(tmp_path):
     out_dir, result_dir = tmp_path / "run", tmp_path / "res"
     result_dir.mkdir()

@@ -320,6 +320,7 @@ def _tiny_config_file(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_and_weights(tmp_path, one_torch_thread):
     from napari_propseg.propagation.network import load_stcn
     from napari_propseg.weights import load_weights
@@ -365,6 +366,7 @@ def test_train_checkpoint_resume_and_weights(tmp_path, one_torch_thread):
                           overrides={"network_overrides": {"value_dim": 32, "decoder_dims": [32, 32, 16]}})
 
 
+@pytest.mark.slow
 def test_time_limit_and_cancel_write_resumable_checkpoints(tmp_path, one_torch_thread):
     from napari_propseg.weights import load_weights
 
@@ -405,6 +407,37 @@ def test_minimal_propagation_fills_between_anchors():
     assert out[7, 5, 5] == 2 and out[7, 1, 1] == 0  # near b: backward copy wins
 
 
+def test_validation_scores_the_shipped_engine_through_the_builder():
+    """Training validation propagates with the engine users get (pipeline defaults), fed
+    the network being trained, on the case's cropped and resized HU."""
+    from napari_propseg.pipeline import EngineSettings, propagate
+    from napari_propseg.propagation.network import CPU_CONFIG, build_stcn
+    from napari_propseg.training.propagation import validation_dice
+
+    torch.manual_seed(0)
+    net = build_stcn(dict(CPU_CONFIG, resolution=32)).eval()
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 100, (10, 32, 32)).astype(np.int16)
+    lab = np.zeros(hu.shape, np.uint8)
+    for z in range(1, 9):
+        lab[z, 8:16 + z, 6:18] = 1
+        lab[z, 20:26, 10:20] = 2
+    case = D.CaseData(name="c", image=D.window_slices(hu), labels=lab, spacing=(3.0, 2.0, 2.0), hu=hu)
+    got = validation_dice(net, case, k=3, device=torch.device("cpu"))
+    anchors = anchor_slices(lab, 3)
+    seeds = np.zeros_like(lab)
+    seeds[anchors] = lab[anchors]
+    pred = propagate(hu, seeds, anchors, EngineSettings(method="stcn", device="cpu", options={"model": net}),
+                     spacing=case.spacing).labels
+    keep = np.ones(10, bool)
+    keep[anchors] = False
+    for i, dice in got["per_label"].items():
+        g, p = lab[keep] == i, pred[keep] == i
+        assert dice == pytest.approx(2 * (g & p).sum() / (g.sum() + p.sum()))
+    assert got["anchors"] == anchors and got["n_labels"] == 2
+
+
+@pytest.mark.slow
 def test_cli_cache_then_train(tmp_path, one_torch_thread):
     from napari_propseg.cli import main
 
@@ -474,6 +507,7 @@ def test_crop_none_keeps_whole_slice():
         D.preprocess_volume(ct.array, lab.array, ct.spacing, 64, crop="tight")
 
 
+@pytest.mark.slow
 def test_train_propagation_on_openkbp_dataset_entries(tmp_path, shared_data, one_torch_thread):
     """A few CPU steps on 2 OpenKBP training cases (a dataset entry, partial labels) with
     a third as validation: the dataset reader feeds the propagation trainer."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +126,7 @@ def _paint_slice(layer, z, labels2d, only=None):
     layer.data_setitem((np.full(yy.shape, z), yy, xx), labels2d[yy, xx])
 
 
+@pytest.mark.slow
 def test_sample_opens_with_widget_and_canvas_is_not_blank(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     from napari.layers import Image, Labels
@@ -170,10 +172,11 @@ def test_sample_opens_with_widget_and_canvas_is_not_blank(viewer_widget, qtbot):
         imsave(out, full, check_contrast=False)
 
 
+@pytest.mark.slow
 def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     """Paint -> propagate -> correct -> re-propagate -> cancel -> undo -> export -> resume."""
     viewer, widget = viewer_widget
-    import napari_propseg._widget as w
+    import napari_propseg.session as session_mod
     from napari_propseg.io import read_labels
     from napari_propseg.phantom import make_phantom
 
@@ -184,7 +187,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
         engine_kw.append(kw)
         return CopyNearestEngine(vol, method, device)
 
-    monkeypatch.setattr(w, "make_engine", factory)
+    monkeypatch.setattr(session_mod, "make_engine", factory)
     gt = viewer.layers["phantom labels (ground truth)"].data
     layer = widget.labels_layer
     s = widget.session
@@ -224,8 +227,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     np.testing.assert_array_equal(layer.data[:z_lo + 1], before[:z_lo + 1])
 
     # cancel midway: labels unchanged
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device, delay=0.3))
-    widget._engine = None
+    monkeypatch.setattr(session_mod, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device, delay=0.3))
     widget.method_combo.setCurrentText("stcn")
     widget.method_combo.setCurrentText("interp")
     _paint_slice(layer, 3, gt[3])
@@ -278,6 +280,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     assert widget.method_combo.currentText() == "interp" and widget.image_weight() == pytest.approx(0.7)
 
 
+@pytest.mark.slow
 def test_anchor_navigation_and_mark(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     widget.goto(5)
@@ -301,6 +304,7 @@ def test_anchor_navigation_and_mark(viewer_widget, qtbot):
     assert len(viewer.layers["PropSeg anchors"].data) == 1
 
 
+@pytest.mark.slow
 def test_no_anchor_propagate_notifies(viewer_widget, qtbot):
     _viewer, widget = viewer_widget
     widget.propagate()
@@ -308,6 +312,7 @@ def test_no_anchor_propagate_notifies(viewer_widget, qtbot):
     assert widget.last_error and "anchor" in widget.last_error
 
 
+@pytest.mark.slow
 def test_real_engine_interp(viewer_widget, qtbot):
     """The widget drives the real propagation engine (SDF interpolation, no weights)."""
     pytest.importorskip("napari_propseg.propagation.engine")
@@ -322,7 +327,11 @@ def test_real_engine_interp(viewer_widget, qtbot):
     widget.propagate()
     _wait_idle(qtbot, widget, timeout=120000)
     assert widget.last_error is None, widget.last_error
-    assert widget.status.text().endswith("CT weight 0.5."), widget.status.text()  # two anchors: the fallback weight
+    text = widget.status_text()
+    assert "slices changed in" in text and "CT weight 0.5." in text, text  # two anchors: the fallback weight
+    left = widget.last_result.left_empty
+    assert widget.last_summary.left_empty == left
+    assert ("left empty" in text) == bool(left), "the slices left empty beyond the outermost anchors are named"
     assert layer.data[12].any(), "a slice between the anchors is filled"
     np.testing.assert_array_equal(layer.data[6], gt[6])
     np.testing.assert_array_equal(layer.data[18], gt[18])
@@ -360,12 +369,13 @@ def test_real_engine_interp(viewer_widget, qtbot):
     widget.propagate()
     _wait_idle(qtbot, widget, timeout=120000)
     assert widget.last_error is None, widget.last_error
-    assert widget.status.text().endswith("CT weight 0.")
+    assert re.search(r"CT weight 0\.( |$)", widget.status_text()), widget.status_text()
     np.testing.assert_array_equal(layer.data, sdf_interpolate(seeds, [6, 18]))
     widget.image_weight_spin.setValue(widget.image_weight_spin.minimum())
     assert widget.image_weight_spin.text() == "auto" and widget.image_weight() is None
 
 
+@pytest.mark.slow
 def test_suggest_without_weights_notifies(viewer_widget, qtbot, tmp_path, monkeypatch):
     _viewer, widget = viewer_widget
     if not widget.suggest_btn.isEnabled():
@@ -392,6 +402,7 @@ def _write_tiny_reference_pair(folder: Path) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
     """Suggest with the default weights folder -> suggested anchors exactly as the
     reference module computes them, on those slices only -> correct one -> propagate."""
@@ -460,6 +471,7 @@ def test_suggest_end_to_end(viewer_widget, qtbot, tmp_path, monkeypatch):
     assert "suggestion" in widget.status.text()
 
 
+@pytest.mark.slow
 def test_suggest_cancel_leaves_labels_and_anchors(viewer_widget, qtbot, monkeypatch):
     pytest.importorskip("napari_propseg.reference.inference")
     _viewer, widget = viewer_widget
@@ -493,6 +505,7 @@ def _key_click(qtbot, target, key: str) -> None:
     qtbot.keyClick(target, combo.key(), combo.keyboardModifiers())
 
 
+@pytest.mark.slow
 def test_shortcuts_are_free_in_napari(viewer_widget):
     """No shortcut shadows napari's own bindings (viewer, any layer type, menus), so each
     does the same whichever layer is active, and napari keeps all of its keys."""
@@ -517,15 +530,17 @@ def test_shortcuts_are_free_in_napari(viewer_widget):
         assert key in SHORTCUT_HELP
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("focus", ["canvas", "dock"])
 def test_keyboard_shortcuts(viewer_widget, qtbot, monkeypatch, focus):
     """Real key presses reach every action, with the focus in the canvas (napari's
     keymap) or in the PropSeg dock (e.g. right after a button click)."""
     viewer, widget = viewer_widget
     import napari_propseg._widget as w
+    import napari_propseg.session as session_mod
 
     CopyNearestEngine.calls.clear()
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device))
+    monkeypatch.setattr(session_mod, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device))
     # a button has the focus after a click; it takes plain arrow keys for focus moves
     target = viewer.window._qt_viewer.canvas.native if focus == "canvas" else widget.mark_btn
     window = viewer.window._qt_window
@@ -589,16 +604,17 @@ def test_shortcuts_unbound_when_the_widget_is_gone(make_napari_viewer, qtbot):
     assert not any(k in viewer.keymap for k in keys)
 
 
+@pytest.mark.slow
 def test_locked_label_survives_propagation(viewer_widget, qtbot, monkeypatch):
     viewer, widget = viewer_widget
-    import napari_propseg._widget as w
+    import napari_propseg.session as session_mod
 
     class Overwriter(CopyNearestEngine):
         def propagate(self, labels, anchors, *, locked_labels=(), progress=None, cancel=None):
             out = np.full_like(labels, 2)  # an engine that ignores locks entirely
             return SimpleNamespace(labels=out, confidence=np.ones(len(labels)), computed=[], seconds=0.0)
 
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: Overwriter(vol, method, device))
+    monkeypatch.setattr(session_mod, "make_engine", lambda vol, method, device, **kw: Overwriter(vol, method, device))
     layer = widget.labels_layer
     layer.data[10, 5:9, 5:9] = 7  # drawn earlier, not an anchor
     _paint_slice(layer, 4, np.pad(np.ones((4, 4), np.uint8), ((40, 52), (40, 52))))
@@ -613,6 +629,7 @@ def test_locked_label_survives_propagation(viewer_widget, qtbot, monkeypatch):
     assert (layer.data[12] == 2).all()
 
 
+@pytest.mark.slow
 def test_napari_save_uses_our_writer_for_a_plain_labels_layer(viewer_widget, tmp_path):
     """A Labels layer made with napari's own button (no geometry in its metadata) is
     still written on the CT's grid: the writer finds the image of the same shape."""
@@ -633,6 +650,7 @@ def test_napari_save_uses_our_writer_for_a_plain_labels_layer(viewer_widget, tmp
     assert back.spacing == ct.spacing
 
 
+@pytest.mark.slow
 def test_model_picker_lists_installed_models_and_suggest_uses_it(viewer_widget, qtbot, monkeypatch):
     """The Model picker offers the installed reference models; Suggest runs the chosen one
     and the status line names it."""

@@ -51,6 +51,7 @@ def _icon_rgb(item) -> tuple[int, int, int]:
     return (c.red(), c.green(), c.blue())
 
 
+@pytest.mark.slow
 def test_labels_layer_shows_organ_names_colours_and_legend(viewer_widget, qtbot):
     """Hovering a voxel shows its organ's name; one fixed colour per organ in the layer,
     the legend and the ground truth; the legend lists the ids in use and the model's classes."""
@@ -100,6 +101,7 @@ def test_labels_layer_shows_organ_names_colours_and_legend(viewer_widget, qtbot)
     assert layer.selected_label == 4
 
 
+@pytest.mark.slow
 def test_names_of_an_opened_label_file_and_of_the_model(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A label file's own map (<stem>.labels.json beside it) names its ids; without one,
     the installed reference model's labels.json does."""
@@ -156,10 +158,11 @@ def _fake_formats(calls: list):
     return mod
 
 
+@pytest.mark.slow
 def test_export_writes_the_label_map_and_offers_every_format(viewer_widget, qtbot, tmp_path, monkeypatch):
     viewer, widget = viewer_widget
     import napari_propseg
-    import napari_propseg._widget as w
+    import napari_propseg.session_store as session_store
     from qtpy.QtWidgets import QFileDialog
 
     from napari_propseg.io import read_labels
@@ -172,7 +175,7 @@ def test_export_writes_the_label_map_and_offers_every_format(viewer_widget, qtbo
 
     # without napari_propseg.formats: NIfTI and NRRD, written by io.write_labels
     with monkeypatch.context() as m:
-        m.setattr(w, "_formats_module", lambda: None)
+        m.setattr(session_store, "formats_module", lambda: None)
         assert [f[0] for f in widget.export_formats()] == ["nifti", "nrrd"]
         out = widget.export(tmp_path / "case.nii.gz")
         assert out == tmp_path / "case.nii.gz"

@@ -32,24 +32,24 @@ RESUME_NOTICE = "A saved PropSeg session of this image exists"
 @pytest.fixture
 def notices(monkeypatch):
     """Every notification the widget shows: [(kind, message)]."""
-    import napari_propseg._widget as w
+    import napari_propseg._widget.common as common
 
     seen: list[tuple[str, str]] = []
-    real = w._notify
+    real = common.notify
 
     def spy(kind, message):
         seen.append((kind, message))
         real(kind, message)
 
-    monkeypatch.setattr(w, "_notify", spy)
+    monkeypatch.setattr(common, "notify", spy)
     return seen
 
 
 def _use_copy_engine(monkeypatch, delay=0.0):
-    import napari_propseg._widget as w
+    import napari_propseg.session as session_mod
 
     CopyNearestEngine.calls.clear()
-    monkeypatch.setattr(w, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device, delay=delay))
+    monkeypatch.setattr(session_mod, "make_engine", lambda vol, method, device, **kw: CopyNearestEngine(vol, method, device, delay=delay))
 
 
 def _small_sample(monkeypatch):
@@ -61,6 +61,7 @@ def _small_sample(monkeypatch):
 # --------------------------------------------------------------------------- Mark / Remove anchor
 
 
+@pytest.mark.slow
 def test_mark_confirms_and_remove_asks_before_dropping_a_correction(viewer_widget, qtbot, monkeypatch, notices):
     viewer, widget = viewer_widget
     _use_copy_engine(monkeypatch)
@@ -118,6 +119,7 @@ def test_mark_confirms_and_remove_asks_before_dropping_a_correction(viewer_widge
     assert not [m for k, m in notices if k == "error"]
 
 
+@pytest.mark.slow
 def test_session_survives_layers_added_when_the_widget_was_docked_first(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     """napari hands the widget a proxied viewer; the layers it adds (labels, the anchor
     overlay) used to look like other layers and re-bound a fresh session, losing the anchors."""
@@ -139,6 +141,54 @@ def test_session_survives_layers_added_when_the_widget_was_docked_first(make_nap
     assert widget.labels_layer in list(viewer.layers)
 
 
+# --------------------------------------------------------------------------- re-propagation is local
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight", ["auto", 0.5])
+def test_repropagation_after_one_corrected_slice_recomputes_only_its_gaps(viewer_widget, qtbot, weight):
+    """Issue #18: after one corrected slice the widget's re-propagation (real engine,
+    interp) recomputes only the gaps next to it, and the status line says how many slices
+    changed and how long it took."""
+    pytest.importorskip("napari_propseg.propagation.engine")
+    viewer, widget = viewer_widget
+    gt = viewer.layers["phantom labels (ground truth)"].data
+    layer = widget.labels_layer
+    filled = [z for z in range(gt.shape[0]) if gt[z].any()]
+    anchors = [filled[round(i * (len(filled) - 1) / 4)] for i in range(5)]
+    for z in anchors:
+        _paint_slice(layer, z, gt[z])
+    widget.flush_edits()
+    widget.method_combo.setCurrentText("interp")
+    widget.device_combo.setCurrentText("cpu")
+    if weight != "auto":
+        widget.image_weight_spin.setValue(weight)
+    widget.propagate()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    assert widget.last_summary.description == "propagate (interp)"
+    assert re.match(r"propagate \(interp\): \d+ slices changed in \d+\.\d s", widget.status_text())
+
+    lo, hi = anchors[1], anchors[2]
+    z = (lo + hi) // 2
+    assert z not in anchors and gt[z].any()
+    before = np.array(layer.data)
+    _paint_slice(layer, z, gt[z])
+    qtbot.waitUntil(lambda: widget.session.anchors.status(z) == "corrected", timeout=5000)
+    widget.propagate()
+    _wait_idle(qtbot, widget, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    summary = widget.last_summary
+    assert summary.description == "re-propagate (interp)"
+    assert summary.computed, "the engine says which slices it recomputed"
+    assert set(summary.computed) <= set(range(lo, hi + 1)), (summary.computed, lo, hi)
+    assert set(summary.changed) <= set(range(lo + 1, hi)), summary.changed
+    outside = [k for k in range(gt.shape[0]) if not lo <= k <= hi]
+    np.testing.assert_array_equal(layer.data[outside], before[outside])
+    assert re.match(rf"re-propagate \(interp\): {len(summary.changed)} slices changed in \d+\.\d s",
+                    widget.status_text()), widget.status_text()
+
+
 # --------------------------------------------------------------------------- Resume
 
 
@@ -157,6 +207,7 @@ def _saved_phantom_session(make_napari_viewer, qtbot, tmp_path):
     return widget.session.anchors.items(), np.array(widget.labels_layer.data), folder
 
 
+@pytest.mark.slow
 def test_resume_is_offered_once_and_updates_the_status(make_napari_viewer, qtbot, tmp_path, monkeypatch, notices):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "sessions"))
     _small_sample(monkeypatch)
@@ -192,6 +243,7 @@ def test_resume_is_offered_once_and_updates_the_status(make_napari_viewer, qtbot
     assert Session.load(folder).anchors.zs == [3], "the new session is saved; the earlier one is kept aside"
 
 
+@pytest.mark.slow
 def test_resume_of_a_damaged_session_starts_fresh_and_keeps_the_files(make_napari_viewer, qtbot, tmp_path, monkeypatch,
                                                                      notices):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "sessions"))
@@ -245,6 +297,7 @@ def test_resume_of_a_damaged_session_starts_fresh_and_keeps_the_files(make_napar
 # --------------------------------------------------------------------------- the dock
 
 
+@pytest.mark.slow
 def test_dock_fits_the_default_window_and_shows_its_own_progress(viewer_widget, qtbot, monkeypatch):
     viewer, widget = viewer_widget
     from qtpy.QtWidgets import QPushButton, QScrollArea
@@ -284,6 +337,7 @@ def test_dock_fits_the_default_window_and_shows_its_own_progress(viewer_widget, 
     assert not widget.progress_bar.isVisible()
 
 
+@pytest.mark.slow
 def test_anchors_are_marked_on_the_canvas_and_the_slice_strip(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     from napari.layers import Shapes
@@ -351,6 +405,7 @@ def _write_dicom_series(folder: Path, arr: np.ndarray, uid: str, desc: str, spac
         writer.Execute(sl)
 
 
+@pytest.mark.slow
 def test_a_dicom_folder_with_several_series_offers_the_others(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "sessions"))
     from napari_propseg.session import META_KEY
@@ -403,6 +458,7 @@ def test_a_dicom_folder_with_several_series_offers_the_others(make_napari_viewer
 # --------------------------------------------------------------------------- reader preference
 
 
+@pytest.mark.slow
 def test_propseg_becomes_the_reader_for_ct_files_unless_the_user_chose(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "sessions"))
     from napari.settings import get_settings

@@ -246,63 +246,75 @@ def run_loop(
                 entry["skipped"] = f"the {method} engine offers no suggest_next"
                 out["curves"].append(entry)
                 continue
-            rng = np.random.default_rng(seed)
-            anchors = list(anchors0)
-            corrected: set[int] = set()
-            with PeakMemory(trace=False) as mem:  # RSS growth: the loop also scores
-                t0 = time.perf_counter()
-                res = engine.propagate(labels0.copy(), list(anchors))
-                secs = time.perf_counter() - t0
-                pred = _as_label_array(res)
-                conf = getattr(res, "confidence", None)
-                expected = labels0[anchors]
-                ok = bool(np.array_equal(pred[anchors], expected))
-                rounds = [{"corrected": 0, "slice": None, "mean_dice": volume_mean_dice(pred, gt, labels_present), "seconds": secs}]
-                for r in range(1, cap + 1):
-                    check_cancel(cancel)
-                    if stop_at_target and rounds[-1]["mean_dice"] >= hi_target:
-                        break
-                    candidates = [s for s in range(z) if s not in corrected and (initial is not None or s not in anchors)]
-                    t0 = time.perf_counter()
-                    pending = [a for a in unverified0 if a not in corrected]
-                    if policy == "suggest" and pending:
-                        zc = pending[0]  # the tool asks to check its own suggested slices first
-                    else:
-                        zc = _choose(policy, candidates, pred=pred, gt=gt, engine=engine, confidence=conf, anchors=anchors, rng=rng)
-                    t_choose = time.perf_counter() - t0 if policy == "suggest" else 0.0
-                    if zc is None:
-                        break
-                    rank = choice_rank(pred, gt, zc, candidates)
-                    labels = pred.copy()
-                    labels[zc] = gt[zc]
-                    corrected.add(zc)
-                    if zc not in anchors:
-                        anchors = sorted(anchors + [zc])
-                    t0 = time.perf_counter()
-                    res = engine.repropagate(labels, list(anchors), changed=[zc])
-                    secs = time.perf_counter() - t0 + t_choose
-                    pred = _as_label_array(res)
-                    conf = getattr(res, "confidence", None)
-                    ok = ok and bool(np.array_equal(pred[anchors], labels[anchors]))
-                    rounds.append({"corrected": r, "slice": zc, "mean_dice": volume_mean_dice(pred, gt, labels_present),
-                                   "seconds": secs, "choice_rank": rank})
-                    report(progress, r, cap, f"{case} {method}/{policy}: round {r}, mean Dice {rounds[-1]['mean_dice']:.3f}")
-            if not ok:
-                log.error("loop %s: %s/%s changed an anchor slice", case, method, policy)
-            cum = np.cumsum([x["seconds"] for x in rounds])
-            reached: dict[str, Any] = {}
-            for t in targets:
-                hit = next((i for i, x in enumerate(rounds) if x["mean_dice"] >= t), None)
-                reached[f"{t:.2f}"] = None if hit is None else {"corrected": rounds[hit]["corrected"], "seconds": float(cum[hit])}
-            ranks = [x["choice_rank"] for x in rounds[1:] if not math.isnan(x["choice_rank"])]
-            entry.update(rounds=rounds, reached=reached, anchors_unchanged=ok, peak_mb=mem.peak_mb,
-                         mean_choice_rank=float(np.mean(ranks)) if ranks else math.nan,
-                         final_dice=rounds[-1]["mean_dice"], total_seconds=float(cum[-1]),
-                         mean_round_seconds=float(np.mean([x["seconds"] for x in rounds[1:]])) if len(rounds) > 1 else math.nan)
-            log.info("loop %s %s/%s: %d rounds, Dice %.3f -> %.3f", case, method, policy, len(rounds) - 1,
-                     rounds[0]["mean_dice"], rounds[-1]["mean_dice"])
+            entry.update(_run_curve(engine, labels0, anchors0, gt, labels_present, policy=policy, cap=cap,
+                                    unverified=unverified0, free_anchors=initial is not None,
+                                    stop_at=hi_target if stop_at_target else None, targets=targets, rng=np.random.default_rng(seed), case=case, method=method,
+                                    progress=progress, cancel=cancel))
             out["curves"].append(entry)
     return out
+
+
+def _run_curve(engine, labels0, anchors0, gt, labels_present, *, policy, cap, unverified, free_anchors, stop_at, targets,
+               rng, case, method, progress, cancel) -> dict[str, Any]:
+    """One (method, policy) curve: the initial propagation, then one corrected slice a round.
+
+    ``free_anchors``: the start anchors are unverified (a reference prediction), so they may
+    be corrected too; ``stop_at``: stop once mean Dice reaches it (None = never).
+    """
+    z = gt.shape[0]
+    anchors = list(anchors0)
+    corrected: set[int] = set()
+    with PeakMemory(trace=False) as mem:  # RSS growth: the loop also scores
+        t0 = time.perf_counter()
+        res = engine.propagate(labels0.copy(), list(anchors))
+        secs = time.perf_counter() - t0
+        pred = _as_label_array(res)
+        conf = getattr(res, "confidence", None)
+        ok = bool(np.array_equal(pred[anchors], labels0[anchors]))
+        rounds = [{"corrected": 0, "slice": None, "mean_dice": volume_mean_dice(pred, gt, labels_present), "seconds": secs}]
+        for r in range(1, cap + 1):
+            check_cancel(cancel)
+            if stop_at is not None and rounds[-1]["mean_dice"] >= stop_at:
+                break
+            candidates = [s for s in range(z) if s not in corrected and (free_anchors or s not in anchors)]
+            t0 = time.perf_counter()
+            pending = [a for a in unverified if a not in corrected]
+            if policy == "suggest" and pending:
+                zc = pending[0]  # the tool asks to check its own suggested slices first
+            else:
+                zc = _choose(policy, candidates, pred=pred, gt=gt, engine=engine, confidence=conf, anchors=anchors, rng=rng)
+            t_choose = time.perf_counter() - t0 if policy == "suggest" else 0.0
+            if zc is None:
+                break
+            rank = choice_rank(pred, gt, zc, candidates)
+            labels = pred.copy()
+            labels[zc] = gt[zc]
+            corrected.add(zc)
+            if zc not in anchors:
+                anchors = sorted(anchors + [zc])
+            t0 = time.perf_counter()
+            res = engine.repropagate(labels, list(anchors), changed=[zc])
+            secs = time.perf_counter() - t0 + t_choose
+            pred = _as_label_array(res)
+            conf = getattr(res, "confidence", None)
+            ok = ok and bool(np.array_equal(pred[anchors], labels[anchors]))
+            rounds.append({"corrected": r, "slice": zc, "mean_dice": volume_mean_dice(pred, gt, labels_present),
+                           "seconds": secs, "choice_rank": rank})
+            report(progress, r, cap, f"{case} {method}/{policy}: round {r}, mean Dice {rounds[-1]['mean_dice']:.3f}")
+    if not ok:
+        log.error("loop %s: %s/%s changed an anchor slice", case, method, policy)
+    cum = np.cumsum([x["seconds"] for x in rounds])
+    reached: dict[str, Any] = {}
+    for t in targets:
+        hit = next((i for i, x in enumerate(rounds) if x["mean_dice"] >= t), None)
+        reached[f"{t:.2f}"] = None if hit is None else {"corrected": rounds[hit]["corrected"], "seconds": float(cum[hit])}
+    ranks = [x["choice_rank"] for x in rounds[1:] if not math.isnan(x["choice_rank"])]
+    log.info("loop %s %s/%s: %d rounds, Dice %.3f -> %.3f", case, method, policy, len(rounds) - 1,
+             rounds[0]["mean_dice"], rounds[-1]["mean_dice"])
+    return dict(rounds=rounds, reached=reached, anchors_unchanged=ok, peak_mb=mem.peak_mb,
+                mean_choice_rank=float(np.mean(ranks)) if ranks else math.nan,
+                final_dice=rounds[-1]["mean_dice"], total_seconds=float(cum[-1]),
+                mean_round_seconds=float(np.mean([x["seconds"] for x in rounds[1:]])) if len(rounds) > 1 else math.nan)
 
 
 # --------------------------------------------------------------------------- reports
@@ -313,6 +325,8 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
     lines = ["# Whole correction loop (PROTOCOL.md section 2)", ""]
     if machine:
         lines += [f"Machine: {machine}", ""]
+    if len(results) > 1:
+        lines += [summary_markdown(loop_summary(results))]
     for res in results:
         targets = [f"{t:.2f}" for t in res["targets"]]
         lines += [f"## {res['case']}  (shape {tuple(res['shape'])}; start: {res['start']})", ""]
@@ -341,6 +355,79 @@ def loop_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> st
                   "included); s/round = mean seconds of one suggestion + re-propagation; choice rank = mean fraction "
                   "of the other candidate slices that were worse than the corrected one (0 = always the worst slice, "
                   "as the oracle; about 0.5 = chance).", ""]
+    return "\n".join(lines)
+
+
+def _dice_after(curve: Mapping[str, Any], n: int) -> float:
+    """Mean Dice after ``n`` corrected slices; a curve that stopped earlier (target reached,
+    or no slice left) keeps its last value."""
+    best = curve["rounds"][0]["mean_dice"]
+    for r in curve["rounds"]:
+        if r["corrected"] > n:
+            break
+        best = r["mean_dice"]
+    return float(best)
+
+
+def loop_summary(results: Sequence[Mapping[str, Any]], checkpoints: Sequence[int] = (0, 5, 10, 20, 40)) -> dict[str, Any]:
+    """The mean over cases (PROTOCOL.md section 4) of each (method, policy) curve.
+
+    Per curve: the cases, how many reached each target, the mean corrected slices to it over
+    the cases that reached it under every policy of that method (paired, so policies are
+    compared on the same cases), the ratio of those means to the ``random`` policy's, and the
+    mean Dice after fixed numbers of corrected slices.
+    """
+    by: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for res in results:
+        for c in res["curves"]:
+            if "skipped" not in c:
+                by.setdefault((c["method"], c["policy"]), []).append(dict(c, case=res["case"]))
+    targets = sorted({f"{t:.2f}" for res in results for t in res["targets"]})
+    cap = max((c["rounds"][-1]["corrected"] for cs in by.values() for c in cs), default=0)
+    out: list[dict[str, Any]] = []
+    for (method, policy), curves in by.items():
+        entry: dict[str, Any] = {"method": method, "policy": policy, "cases": len(curves), "reached": {},
+                                 "dice_after": {str(n): float(np.mean([_dice_after(c, n) for c in curves]))
+                                                for n in checkpoints if n <= cap}}
+        peers = {p: {c["case"]: c for c in cs} for (m, p), cs in by.items() if m == method}
+        for t in targets:
+            hits = {c["case"]: c["reached"].get(t) for c in curves}
+            paired = [case for case in hits if all((peers[p].get(case) or {}).get("reached", {}).get(t) for p in peers)]
+            mean = float(np.mean([hits[case]["corrected"] for case in paired])) if paired else math.nan
+            row = {"cases_reached": sum(v is not None for v in hits.values()), "paired_cases": len(paired),
+                   "mean_slices_paired": mean}
+            if "random" in peers and paired:
+                rnd = float(np.mean([peers["random"][case]["reached"][t]["corrected"] for case in paired]))
+                row["ratio_to_random"] = mean / rnd if rnd else math.nan
+            entry["reached"][t] = row
+        out.append(entry)
+    return {"curves": out, "cases": len(results)}
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """Markdown: the mean over cases of :func:`loop_summary`."""
+    curves = summary["curves"]
+    if not curves:
+        return ""
+    targets = list(curves[0]["reached"])
+    points = list(curves[0]["dice_after"])
+    lines = [f"## Mean over {summary['cases']} cases", "",
+             "| method | policy | " + " | ".join(f"reached {t} | slices to {t} (paired) | x random" for t in targets)
+             + " | " + " | ".join(f"Dice after {n}" for n in points) + " |",
+             "|" + "---|" * (2 + 3 * len(targets) + len(points))]
+    for c in curves:
+        cells = []
+        for t in targets:
+            r = c["reached"][t]
+            ratio = r.get("ratio_to_random", math.nan)
+            cells += [f"{r['cases_reached']}/{c['cases']}",
+                      "-" if math.isnan(r["mean_slices_paired"]) else f"{r['mean_slices_paired']:.1f} ({r['paired_cases']})",
+                      "-" if math.isnan(ratio) else f"{ratio:.2f}"]
+        cells += [f"{c['dice_after'][n]:.3f}" for n in points]
+        lines.append(f"| {c['method']} | {c['policy']} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired: over the cases that reached the target under every policy of that method; x random = "
+              "that mean over the random policy's on the same cases. Dice after n: curves that stopped earlier "
+              "keep their last value.", ""]
     return "\n".join(lines)
 
 
@@ -379,5 +466,6 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
 def write_loop_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                       machine: str = "", stem: str = "loop") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``."""
+    extra = {"mean_over_cases": loop_summary(results)} if len(results) > 1 else None
     return write_report(results, out_dir, section="PROTOCOL.md section 2", machine=machine, stem=stem,
-                        plot=plot_loop, markdown=loop_markdown)
+                        plot=plot_loop, markdown=loop_markdown, extra=extra)

@@ -33,21 +33,32 @@ one corrected slice; wall seconds and peak resident memory).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import resource
-import threading
 import time
-import tracemalloc
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from ..metrics import DICE_BOTH_EMPTY, dice_from_counts
 from ..progress import check_cancel, report
+from ..slices import spread_slices
+from .memory import PeakMemory
+from .metrics_speed import run_metrics_speed, synthetic_label_pair  # noqa: F401  (re-exported)
+from .report import (  # noqa: F401  (re-exported)
+    _fmt,
+    _json_default,
+    k_slice_markdown,
+    machine_description,
+    mean_over_cases,
+    plot_k_slice,
+    save_figure,
+    write_json,
+    write_k_slice_report,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +122,7 @@ def reference_slices(gt: np.ndarray, k: int) -> list[int]:
         raise InputError(f"k = {k} reference slices makes no sense; pass k >= 1.")
     k = int(k)
     z_lo, z_hi = foreground_extent(gt)
-    if k == 1:
-        ref = {int(np.rint((z_lo + z_hi) / 2))}
-    else:
-        ref = {int(z) for z in np.rint(np.linspace(z_lo, z_hi, k))}
+    ref = set(spread_slices(z_lo, z_hi, k))
     flat = gt.reshape(gt.shape[0], -1)
     for lab in np.unique(flat[z_lo:z_hi + 1]):
         if lab == 0:
@@ -129,9 +137,7 @@ def start_slices(gt: np.ndarray, k: int) -> list[int]:
     z_lo, z_hi = foreground_extent(gt)
     if k < 1:
         raise InputError(f"k = {k} starting slices makes no sense; pass k >= 1.")
-    if k == 1:
-        return [int(np.rint((z_lo + z_hi) / 2))]
-    return sorted({int(z) for z in np.rint(np.linspace(z_lo, z_hi, k))})
+    return spread_slices(z_lo, z_hi, k)
 
 
 def volume_mean_dice(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int]) -> float:
@@ -177,11 +183,10 @@ def dice_per_label(pred: np.ndarray, gt: np.ndarray, labels: Iterable[int] | Non
     out: dict[int, float] = {}
     for lab in labels:
         lab = int(lab)
-        if lab >= n:
-            out[lab] = 1.0
+        if lab >= n:  # absent from both
+            out[lab] = DICE_BOTH_EMPTY
             continue
-        denom = g_cnt[lab] + p_cnt[lab]
-        out[lab] = 1.0 if denom == 0 else float(2 * conf[lab, lab] / denom)
+        out[lab] = dice_from_counts(conf[lab, lab], g_cnt[lab], p_cnt[lab])
     return out
 
 
@@ -210,97 +215,6 @@ def score_k_slice(pred: np.ndarray, gt: np.ndarray, ref: Sequence[int]) -> dict[
         "labels_scored": present,
         "anchors_unchanged": bool(np.array_equal(pred[list(ref)], gt[list(ref)])),
     }
-
-
-# --------------------------------------------------------------------------- memory
-
-
-class PeakMemory:
-    """Peak memory of a block of code, in MB.
-
-    Two measurements, both reported:
-
-    * ``traced_mb``: :mod:`tracemalloc`'s peak of memory allocated during the block
-      (Python objects and numpy arrays; not torch tensors nor ITK buffers). Exact, even
-      when freed pages are reused (which hides allocations from the RSS).
-    * ``rss_delta_mb``: growth of the process's resident set size during the block: with
-      psutil installed, a background thread samples the RSS every ``interval`` seconds
-      (``method`` ``"tracemalloc+psutil-rss"``); without psutil, the growth of
-      ``resource.getrusage(...).ru_maxrss`` (``"tracemalloc+ru_maxrss"``, only visible
-      when the block raises the process's lifetime peak). Catches native allocations
-      (torch, ITK), misses reuse of memory the process already held.
-
-    ``peak_mb`` is the larger of the two; ``peak_rss_mb`` the absolute peak RSS seen.
-    tracemalloc costs a little time per Python allocation; the numpy/torch/ITK-bound code
-    benchmarked here is slowed by a few percent at most.
-
-    Example:
-        >>> import numpy as np
-        >>> with PeakMemory() as mem:
-        ...     _ = np.ones(2**20)
-        >>> mem.peak_mb >= 8
-        True
-    """
-
-    def __init__(self, interval: float = 0.005, *, trace: bool = True):
-        self.interval = interval
-        self.trace = trace
-        self.peak_mb = math.nan
-        self.traced_mb = math.nan
-        self.rss_delta_mb = math.nan
-        self.peak_rss_mb = math.nan
-        try:
-            import psutil  # noqa: F401
-
-            rss = "psutil-rss"
-        except ImportError:
-            rss = "ru_maxrss"
-        self.method = f"tracemalloc+{rss}" if trace else rss
-
-    def __enter__(self) -> "PeakMemory":
-        self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self._thread = None
-        if self.method.endswith("psutil-rss"):
-            import psutil
-
-            self._proc = psutil.Process()
-            self._base = self._proc.memory_info().rss
-            self._peak = self._base
-            self._stop = threading.Event()
-
-            def sample() -> None:
-                while not self._stop.is_set():
-                    rss = self._proc.memory_info().rss
-                    if rss > self._peak:
-                        self._peak = rss
-                    self._stop.wait(self.interval)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        if self.trace:
-            self._started = not tracemalloc.is_tracing()
-            if self._started:
-                tracemalloc.start()
-            tracemalloc.reset_peak()
-            self._traced0 = tracemalloc.get_traced_memory()[0]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.trace:
-            self.traced_mb = max(0, tracemalloc.get_traced_memory()[1] - self._traced0) / 2**20
-            if self._started:
-                tracemalloc.stop()
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-            self.rss_delta_mb = (self._peak - self._base) / 2**20
-            self.peak_rss_mb = self._peak / 2**20
-        else:
-            self.rss_delta_mb = (maxrss - self._maxrss0) / 1024
-            self.peak_rss_mb = maxrss / 1024
-        self.peak_mb = float(np.nanmax([self.traced_mb, self.rss_delta_mb]))
 
 
 # --------------------------------------------------------------------------- methods
@@ -420,18 +334,13 @@ def make_stcn_engine(image_hu: np.ndarray, *, method: str = "stcn", weights=None
     ``spacing`` (sz, sy, sx) in mm is forwarded when given (the engine's body crop needs it
     for non-square pixels); ``adapt_steps > 0`` turns on online adaptation.
     """
-    from ..propagation.engine import PropagationEngine
+    from ..pipeline import EngineSettings, make_engine
 
-    kwargs: dict[str, Any] = {"method": method, "device": device}
-    if weights is not None:
-        kwargs["weights"] = weights
-    if spacing is not None:
-        kwargs["spacing"] = tuple(float(v) for v in spacing)
-    if adapt_steps:
-        kwargs["adapt_steps"] = int(adapt_steps)
-    if appearance is not None:
-        kwargs["appearance"] = dict(appearance)
-    return PropagationEngine(image_hu, **kwargs)
+    appearance = dict(appearance or {})
+    image_weight = appearance.pop("weight", None) if set(appearance) <= {"weight"} else None
+    options = {"appearance": appearance} if appearance else {}
+    return make_engine(image_hu, EngineSettings(method=method, device=device, weights=weights, adapt_steps=adapt_steps,
+                                                image_weight=image_weight, options=options), spacing=spacing)
 
 
 def _method_stcn(image_hu, seeds, anchors, *, engine=None, **_) -> np.ndarray:
@@ -578,214 +487,6 @@ def run_k_slice(
     return res
 
 
-# --------------------------------------------------------------------------- reports
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (non-finite floats as ``Infinity``/``NaN``, as Python does)."""
-    from ..atomic import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n", what="benchmark JSON")
-
-
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def k_slice_markdown(results: Sequence[Mapping[str, Any]], machine: str = "") -> str:
-    """Markdown tables: a summary (mean Dice, |R|, |R|/Z, seconds, peak MB per method and
-    k) and per-label Dice, for every case."""
-    lines: list[str] = ["# k-slice propagation benchmark (PROTOCOL.md section 1)", ""]
-    if machine:
-        lines += [f"Machine: {machine}", ""]
-    summary = mean_over_cases(results)
-    if len(results) > 1 and summary:
-        methods = list(dict.fromkeys(m for per_k in summary.values() for m in per_k))
-        lines += [f"## Mean over cases ({len(results)} cases; each case's mean Dice over its labels, then the mean over cases)", "",
-                  "| k | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        for k, per in sorted(summary.items()):
-            lines.append(f"| {k} | " + " | ".join(f"{_fmt(per[m]['mean'])} (n={per[m]['n']})" if m in per else "-" for m in methods) + " |")
-        lines += ["", "| case | " + " | ".join(f"k={k} {m}" for k in sorted(summary) for m in methods) + " |",
-                  "|---|" + "---|" * (len(summary) * len(methods))]
-        for res in results:
-            by_k = {run["k"]: run["methods"] for run in res["runs"]}
-            cells = []
-            for k in sorted(summary):
-                for m in methods:
-                    r = by_k.get(k, {}).get(m, {})
-                    cells.append(_fmt(r.get("mean_dice")) if "mean_dice" in r else "-")
-            lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for res in results:
-        lines += [f"## {res['case']}  (shape {tuple(res['shape'])}, spacing {tuple(round(s, 3) for s in res['spacing'])} mm)", ""]
-        lines += ["| k | \\|R\\| | \\|R\\|/Z | method | mean Dice | seconds | peak MB | refs unchanged |",
-                  "|---|---|---|---|---|---|---|---|"]
-        skipped: dict[str, str] = {}
-        for run in res["runs"]:
-            for m, r in run["methods"].items():
-                if "skipped" in r:
-                    skipped.setdefault(m, r["skipped"])
-                else:
-                    lines.append(f"| {run['k']} | {run['n_ref']} | {run['ref_fraction']:.3f} | {m} | {_fmt(r['mean_dice'])} | "
-                                 f"{_fmt(r['seconds'], 2)} | {_fmt(r['peak_mb'], 0)} | {'yes' if r['anchors_unchanged'] else 'NO'} |")
-        lines.append("")
-        for m, why in skipped.items():
-            lines += [f"Skipped {m}: {why}", ""]
-        labs = sorted(int(i) for i in res["labels"])
-        names = [res["labels"][i] if i in res["labels"] else res["labels"].get(str(i), str(i)) for i in labs]
-        lines += ["Per-label Dice (slices not in R):", "",
-                  "| k | method | " + " | ".join(names) + " |",
-                  "|---|---|" + "---|" * len(labs)]
-        for run in res["runs"]:
-            for m, r in run["methods"].items():
-                if "skipped" in r:
-                    continue
-                pl = {int(a): b for a, b in r["per_label"].items()}
-                scored = set(int(x) for x in r["labels_scored"])
-                cells = [_fmt(pl.get(i)) if i in scored else "-" for i in labs]
-                lines.append(f"| {run['k']} | {m} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def mean_over_cases(results: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, dict[str, float]]]:
-    """``{k: {method: {"mean": mean over cases of the case's mean Dice, "n": cases}}}``
-    (PROTOCOL.md section 4: per case first, then over cases; skipped runs left out)."""
-    acc: dict[int, dict[str, list[float]]] = {}
-    for res in results:
-        for run in res["runs"]:
-            for m, r in run["methods"].items():
-                if "mean_dice" in r and r["mean_dice"] is not None and not (isinstance(r["mean_dice"], float) and math.isnan(r["mean_dice"])):
-                    acc.setdefault(int(run["k"]), {}).setdefault(m, []).append(float(r["mean_dice"]))
-    return {k: {m: {"mean": float(np.mean(v)), "n": len(v)} for m, v in per.items()} for k, per in acc.items()}
-
-
-def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    """Lay out a matplotlib ``Figure`` and write it atomically to ``path`` (parents created)."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, section: str, machine: str,
-                 stem: str, plot: Callable[[Sequence[Mapping[str, Any]], Path], Path],
-                 markdown: Callable[[Sequence[Mapping[str, Any]], str], str], extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Write a benchmark's ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``.
-
-    Args:
-        results: one result dict per case.
-        out_dir: folder (created).
-        section: the protocol section, recorded in the JSON.
-        machine: machine description, recorded in the JSON and the markdown.
-        stem: file name stem.
-        plot: ``(results, png_path) -> png_path``.
-        markdown: ``(results, machine) -> markdown text``.
-        extra: more top-level JSON entries (e.g. the mean over cases).
-
-    Returns:
-        ``{"json": path, "png": path, "md": path}``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": section, "machine": machine,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **dict(extra or {}), "cases": list(results)}
-    paths = {"json": write_json(payload, out / f"{stem}.json"), "png": plot(results, out / f"{stem}.png")}
-    md = out / f"{stem}.md"
-    md.write_text(markdown(results, machine) + "\n", encoding="utf-8")
-    paths["md"] = md
-    return paths
-
-
-def plot_k_slice(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """PNG: mean Dice against k, one line per method, one panel per case (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    n = max(1, len(results))
-    fig = Figure(figsize=(4.5 * n, 3.8), dpi=110)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, res in zip(axes, results):
-        methods = res["methods"]
-        for m in methods:
-            ks, ds = [], []
-            for run in res["runs"]:
-                r = run["methods"].get(m, {})
-                if "mean_dice" in r:
-                    ks.append(run["k"])
-                    ds.append(r["mean_dice"])
-            if ks:
-                ax.plot(ks, ds, marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([run["k"] for run in res["runs"]], [str(run["k"]) for run in res["runs"]])
-        ax.set_xlabel("k (evenly spaced reference slices)")
-        ax.set_ylabel("mean Dice (non-reference slices)")
-        ax.set_title(res["case"], fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def write_k_slice_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                         machine: str = "", stem: str = "k_slice") -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.png`` and ``<stem>.md`` into ``out_dir``.
-
-    Returns:
-        ``{"json": path, "png": path, "md": path}``.
-    """
-    summary = {str(k): v for k, v in sorted(mean_over_cases(results).items())}
-    return write_report(results, out_dir, section="PROTOCOL.md section 1", machine=machine, stem=stem,
-                        plot=plot_k_slice, markdown=k_slice_markdown, extra={"mean_over_cases": summary})
-
-
-def machine_description() -> str:
-    """One line naming the CPU, core count and torch threads (and the GPU if any)."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} logical cores"
-    try:
-        import torch
-
-        desc += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
-        if torch.cuda.is_available():
-            desc += f", GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:  # pragma: no cover
-        pass
-    return desc
-
-
 # --------------------------------------------------------------------------- speed (section 3)
 
 
@@ -882,47 +583,3 @@ def run_speed(
              t_prop, t_re, mem.peak_rss_mb)
     return out
 
-
-def synthetic_label_pair(shape: Sequence[int] = (300, 512, 512), n_labels: int = 13, spacing: Sequence[float] = (2.0, 0.8, 0.8),
-                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth and a perturbed prediction of ``n_labels`` ellipsoids (organ-sized, in
-    mm: semi-axes 16-120 mm along z, 12-88 mm in-plane), for timing the metrics.
-
-    Returns:
-        ``(pred, gt)``: two uint8 (Z, Y, X) volumes.
-    """
-    rng = np.random.default_rng(seed)
-    shape = tuple(int(s) for s in shape)
-    sp = np.asarray(spacing, float)
-    gt = np.zeros(shape, np.uint8)
-    pred = np.zeros(shape, np.uint8)
-
-    def paint(vol: np.ndarray, lab: int, c: np.ndarray, a: np.ndarray) -> None:
-        lo = np.maximum(np.floor(c - a).astype(int), 0)
-        hi = np.minimum(np.ceil(c + a).astype(int) + 1, shape)
-        g = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        m = sum(((g[i] - c[i]) / a[i]) ** 2 for i in range(3)) <= 1
-        vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][m] = lab
-
-    for lab in range(1, n_labels + 1):
-        a_mm = np.array([rng.uniform(16, 120), rng.uniform(12, 88), rng.uniform(12, 88)])
-        a = np.minimum(a_mm / sp, np.asarray(shape) / 2 - 1)
-        c = np.array([rng.uniform(a[i], shape[i] - a[i]) for i in range(3)])
-        paint(gt, lab, c, a)
-        paint(pred, lab, c + rng.uniform(-3, 3, 3), a * rng.uniform(0.9, 1.1, 3))
-    return pred, gt
-
-
-def run_metrics_speed(shape: Sequence[int] = (300, 512, 512), n_labels: int = 13,
-                      spacing: Sequence[float] = (2.0, 0.8, 0.8), seed: int = 0) -> dict[str, Any]:
-    """Wall-clock seconds of :func:`napari_propseg.metrics.compute_metrics` on a synthetic
-    pair (:func:`synthetic_label_pair`), with its peak memory."""
-    from ..metrics import compute_metrics
-
-    pred, gt = synthetic_label_pair(shape, n_labels, spacing, seed)
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        rows = compute_metrics(pred, gt, spacing)
-        secs = time.perf_counter() - t0
-    return {"shape": list(shape), "labels": len(rows), "spacing": list(spacing), "seconds": secs,
-            "peak_mb": mem.peak_mb, "mean_dice": float(np.mean([r["dice"] for r in rows]))}

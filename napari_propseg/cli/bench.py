@@ -16,29 +16,9 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ._args import int_list, shape3, str_list
 
 log = logging.getLogger(__name__)
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"{what} {text!r} is not a comma-separated list of whole numbers, e.g. 3,5,9,17.") from None
-    if not vals:
-        raise InputError(f"{what} is empty; pass comma-separated whole numbers.")
-    return vals
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in str(text).split(",") if v.strip()]
-
-
-def _shape(text: str, what: str) -> tuple[int, int, int]:
-    vals = _int_list(text, what)
-    if len(vals) != 3 or min(vals) < 2:
-        raise InputError(f"{what} {text!r} must be three sizes Z,Y,X of at least 2 voxels, e.g. 129,512,512.")
-    return tuple(vals)  # type: ignore[return-value]
 
 
 def _bar(step: int, total: int, msg: str) -> None:
@@ -67,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``bench`` with its ``propagate``, ``loop`` and ``speed`` subcommands."""
     from ..bench.loop import LOOP_METHODS, POLICIES
     from ..bench.protocol import ALL_METHODS, DEFAULT_ADAPT_STEPS
-    from .propagate import non_negative_int
+    from ._args import non_negative_int
 
     p = subparsers.add_parser("bench", help="run the benchmark protocols (k-slice propagation, correction loop, speed)",
                               description="Benchmarks of PROTOCOL.md: propagate (section 1), loop (section 2), speed (section 3).")
@@ -122,6 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--out", default=None, metavar="DIR", help="also write speed.json there")
     ps.set_defaults(func=run_speed_cmd)
 
+    from ..bench import gui as _gui  # light: Qt and napari are imported when it runs
+
+    pgui = sub.add_parser("gui", help="longest event-loop block of the PropSeg widget during propagate / re-propagate (needs a display, e.g. xvfb-run)",
+                          description=_gui.__doc__.split("\n")[0])
+    _gui.add_arguments(pgui)
+    pgui.set_defaults(func=_gui.run_cli)
+
     pg = sub.add_parser("segment", help="fully automatic segmentation (propseg segment) of every case of a dataset, scored per organ",
                         description="Run 'propseg segment' (the reference model's suggested slices, then propagation) on every "
                         "labelled case of a dataset folder; Dice per organ the case holds, mean over cases. Writes segment.json "
@@ -132,9 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pg.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N cases (e.g. those a choice was tuned on)")
     pg.add_argument("--model", metavar="NAME", default=None, help="installed reference model (default abdomen)")
     pg.add_argument("--weights", metavar="FILE", nargs="+", default=None, help="reference weight files instead of --model")
-    from .segment import _k_arg
+    from ._args import k_or_all
 
-    pg.add_argument("--k", type=_k_arg, default=None, help="reference slices, or 'all' (default: the model's setting)")
+    pg.add_argument("--k", type=k_or_all, default=None, help="reference slices, or 'all' (default: the model's setting)")
     pg.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
                     help="keep each organ's largest 3-D piece (default: the model's setting)")
     pg.add_argument("--all-components", dest="largest_component", action="store_false", help="keep every piece")
@@ -164,9 +151,9 @@ def _cases(args):
         return iter_dataset_cases(args.dataset, split=args.split, limit=args.limit, skip=args.skip)
     if args.split or args.limit is not None or args.skip:
         raise InputError("--split and --limit go with --dataset DIR; pass a dataset folder.")
-    return load_cases(_str_list(args.cases), data_dir=args.data,
-                      phantom_shape=_shape(args.phantom_shape, "--phantom-shape"),
-                      phantom_seeds=_int_list(args.phantom_seeds, "--phantom-seeds"))
+    return load_cases(str_list(args.cases), data_dir=args.data,
+                      phantom_shape=shape3(args.phantom_shape, "--phantom-shape"),
+                      phantom_seeds=int_list(args.phantom_seeds, "--phantom-seeds"))
 
 
 def _out_dir(path: str) -> Path:
@@ -187,8 +174,8 @@ def _device(name: str) -> str:
 def run_propagate(args: argparse.Namespace) -> int:
     from ..bench.protocol import _check_methods, machine_description, run_k_slice, write_k_slice_report
 
-    ks = _int_list(args.ks, "--ks")
-    methods = _check_methods(_str_list(args.methods))
+    ks = int_list(args.ks, "--ks")
+    methods = _check_methods(str_list(args.methods))
     device = _device(args.device)
     out = _out_dir(args.out)
     results = []
@@ -207,11 +194,11 @@ def run_loop_cmd(args: argparse.Namespace) -> int:
     from ..bench.loop import POLICIES, run_loop, write_loop_report
     from ..bench.protocol import machine_description
 
-    policies = _str_list(args.policies)
+    policies = str_list(args.policies)
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise InputError(f"Unknown policy {', '.join(bad)}; choose from {', '.join(POLICIES)}.")
-    methods = _str_list(args.methods)
+    methods = str_list(args.methods)
     device = _device(args.device)
     out = _out_dir(args.out)
     results = []
@@ -236,7 +223,7 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
     from ..bench.cases import make_phantom_case
     from ..bench.protocol import machine_description, run_speed, write_json
 
-    shape = _shape(args.shape, "--shape")
+    shape = shape3(args.shape, "--shape")
     try:
         spacing = tuple(float(v) for v in args.spacing.split(","))
     except ValueError:
@@ -306,7 +293,7 @@ def run_metrics_cmd(args: argparse.Namespace) -> int:
 
     if args.labels < 1 or args.labels > 255:
         raise InputError(f"--labels {args.labels} must lie between 1 and 255.")
-    res = run_metrics_speed(_shape(args.shape, "--shape"), args.labels)
+    res = run_metrics_speed(shape3(args.shape, "--shape"), args.labels)
     res["machine"] = machine_description()
     print(json.dumps(res, indent=1))
     return 0

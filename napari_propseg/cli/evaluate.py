@@ -56,13 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _case_name(path: Path) -> str:
-    from ..io import VOLUME_EXTENSIONS
+    from ..filenames import split_extension
 
-    name = path.name
-    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    stem, ext = split_extension(path.name)
+    return stem if ext else path.stem
 
 
 def _label_files(folder: Path) -> dict[str, Path]:

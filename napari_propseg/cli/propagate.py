@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from typing import TextIO
@@ -19,7 +18,10 @@ from ..errors import InputError
 from ..formats import read_labels
 from ..io import read_volume, write_labels
 from ..propagation.appearance import AppearanceOptions
-from ..propagation.engine import METHODS, NETWORK_WEIGHT, PropagationEngine
+from ..pipeline import EngineSettings, make_engine
+from ..propagation.engine import PropagationEngine
+from ..propagation.options import METHODS, NETWORK_WEIGHT
+from ._args import image_weight, int_at_least, non_negative_float, non_negative_int, parse_ids  # noqa: F401  (argument types, also importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -56,62 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
-
-
-def image_weight(text: str) -> str | float:
-    """argparse type of --appearance: ``auto`` or a finite number >= 0."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return non_negative_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {text!r}") from None
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
-
-def int_at_least(minimum: int):
-    """argparse type factory: a whole number >= ``minimum`` (anything else: usage error, exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is too small; give {minimum} or more")
-        return value
-
-    return parse
-
-
-non_negative_int = int_at_least(0)
-
-
-def parse_ids(text: str | None, what: str) -> list[int]:
-    """``"12, 40,77"`` -> ``[12, 40, 77]``.
-
-    Raises:
-        InputError: anything but comma-separated non-negative integers.
-    """
-    if text is None:
-        return []
-    try:
-        values = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise InputError(f"{what} {text!r} is not a comma-separated list of integers; write e.g. 12,40,77.") from None
-    if any(v < 0 for v in values):
-        raise InputError(f"{what} {text!r} holds a negative number; slice indices and label ids start at 0.")
-    return values
 
 
 def seeded_slices(labels: np.ndarray) -> list[int]:
@@ -227,10 +173,10 @@ def run(args: argparse.Namespace) -> int:
             f"{args.seeds} holds labels on slice {anchors[0]} only"
         raise InputError(f"Propagation by interpolation needs labels on at least two slices, and {where}; "
                          "label a second slice, add to --slices an empty slice where the organs end, or use --method stcn.")
-    engine = PropagationEngine(image.array, method=args.method, weights=args.weights, device=args.device, spacing=image.spacing,
-                               adapt_steps=args.adapt_steps,
-                               appearance=None if args.appearance == "auto" else {"weight": args.appearance},
-                               network_weight=args.network_weight)
+    settings = EngineSettings(method=args.method, device=args.device, weights=args.weights, adapt_steps=args.adapt_steps,
+                              image_weight=None if args.appearance == "auto" else float(args.appearance),
+                              network_weight=args.network_weight)
+    engine = make_engine(image.array, settings, spacing=image.spacing, engine_factory=PropagationEngine)
     progress = None if args.quiet else ProgressBar(sys.stderr)
     if args.adapt_steps:
         engine.adapt(seeds.array, anchors, locked_labels=locked, progress=None if args.quiet else ProgressBar(sys.stderr, label="adapt"))
@@ -240,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
     worst = engine.suggest_next(result.confidence, anchors) if len(anchors) < depth else None
     print(
         f"wrote {out}: {n_filled} slices filled from {len(anchors)} anchor(s) by {args.method} "
-        f"in {result.seconds:.1f} s, CT intensity weight {engine.image_weight:g}"
-        + (" (auto)" if engine.image_weight_scores else "")
+        f"in {result.seconds:.1f} s, CT intensity weight {result.image_weight:g}"
+        + (" (auto)" if result.image_weight_auto else "")
         + empty_note
         + (f"; least confident slice: {worst}" if worst is not None else "")
     )

@@ -7,24 +7,16 @@ result on the image's own grid. ``--seeds`` also keeps the seed label file and i
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 
-import numpy as np
-
 from ..errors import InputError
+from ._args import k_or_all
 from .suggest import add_model_args, label_map_path, report_left_out, stderr_bar, write_suggestion
 
 log = logging.getLogger(__name__)
 
 
-def _k_arg(text: str):
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'all'") from None
+_k_arg = k_or_all  # the argparse type of --k (cli/_args.py)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,49 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def segment(volume_hu, *, weights=None, k=None, scan=None, method="stcn", device="auto", spacing=None, progress=None, cancel=None,
             model=None, min_agreement=None, largest_component=None):
-    """Suggest then propagate. Returns ``(labels (Z, Y, X), Suggestion)``.
+    """Suggest then propagate (:func:`napari_propseg.pipeline.segment`; ``weights``: the
+    reference networks' files). Returns ``(labels (Z, Y, X), Suggestion)``.
 
     ``k`` and ``largest_component`` default to the installed model's ``segment_k`` and
     ``largest_component`` (``model.json``) when ``weights`` is None; ``k="all"`` runs the
     reference pair on every slice (propagation then has nothing left to fill).
     """
-    from ..reference.inference import suggest_slices
-    from ..reference.models import find_model, keep_largest_component
+    from ..pipeline import EngineSettings, segment as run_segment
 
-    n_slices = int(getattr(volume_hu, "shape", (0,))[0])
-    try:
-        info = find_model(model) if weights is None else None
-    except InputError:  # an old flat models/reference/*.pt folder: no model settings
-        info = None
-    if info is not None:
-        if k is None and info.segment_k is not None:
-            k = info.segment_k
-        if largest_component is None:
-            largest_component = info.largest_component
-    if isinstance(k, str):
-        if k.lower() != "all":
-            raise InputError(f"k must be a number of slices or 'all', got {k!r}.")
-        k = max(n_slices, 1)
-
-    sug = suggest_slices(volume_hu, weights, k=k, scan=scan, device=device, progress=progress, cancel=cancel, model=model,
-                         min_agreement=min_agreement)
-    if len(sug.slices) >= n_slices:  # every slice was segmented: nothing to propagate
-        labels = sug.labels.copy()
-    else:
-        from ..propagation.engine import PropagationEngine
-
-        engine = PropagationEngine(volume_hu, method=method, device=device, spacing=spacing)
-        kwargs = {}
-        params = inspect.signature(engine.propagate).parameters
-        if "progress" in params:
-            kwargs["progress"] = progress
-        if "cancel" in params:
-            kwargs["cancel"] = cancel
-        result = engine.propagate(sug.labels, list(sug.slices), **kwargs)
-        labels = getattr(result, "labels", result)  # PropagationResult.labels (Z, Y, X)
-    if largest_component:
-        labels = keep_largest_component(np.array(labels, copy=True))
-    return labels, sug
+    return run_segment(volume_hu, EngineSettings(method=method, device=device), spacing=spacing, reference_weights=weights,
+                       k=k, scan=scan, model=model, min_agreement=min_agreement, largest_component=largest_component,
+                       progress=progress, cancel=cancel)
 
 
 def run(args: argparse.Namespace) -> int:

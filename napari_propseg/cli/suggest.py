@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ._args import fraction
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,12 @@ def label_map_path(out: str | Path) -> Path:
     return slices_json_path(out).with_name(slices_json_path(out).name[: -len(".slices.json")] + ".labels.json")
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return v
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", default=None,
                    help="installed reference model (see 'propseg models'; default abdomen)")
     p.add_argument("--weights", metavar="FILE", nargs="+", default=None,
                    help="reference weight files, instead of an installed --model")
-    p.add_argument("--min-agreement", type=_fraction, default=None, metavar="D",
+    p.add_argument("--min-agreement", type=fraction, default=None, metavar="D",
                    help="leave an organ out of a slice when the two networks' masks of it overlap with Dice below D "
                    "(default: the model's own setting, 0.1 for abdomen; 0 keeps every organ)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")

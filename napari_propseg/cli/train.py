@@ -19,7 +19,7 @@ import sys
 import time
 
 from ..errors import InputError
-from .propagate import int_at_least
+from ._args import int_at_least
 
 log = logging.getLogger(__name__)
 

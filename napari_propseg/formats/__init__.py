@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import InputError
+from ..filenames import split_extension
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,9 @@ LABEL_ENDINGS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd
 def label_stem(path: str | os.PathLike) -> Path:
     """``path`` without its label-file ending (``a/b.seg.nrrd`` -> ``a/b``)."""
     p = Path(path)
-    low = p.name.lower()
-    for ext in LABEL_ENDINGS:
-        if low.endswith(ext):
-            return p.with_name(p.name[: -len(ext)])
+    stem, ext = split_extension(p.name, LABEL_ENDINGS)
+    if ext:
+        return p.with_name(stem)
     return p.with_name(p.stem) if p.suffix else p
 
 

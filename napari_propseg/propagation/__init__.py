@@ -3,11 +3,18 @@
 * :mod:`.network` - STCN memory network (:func:`build_stcn`, :func:`load_stcn`),
 * :mod:`.resnet` - ResNet-18/50 trunks up to layer3,
 * :mod:`.memory` - bounded memory bank of one propagation pass,
-* :mod:`.engine` - :class:`PropagationEngine` (propagate, repropagate, suggest_next),
+* :mod:`.engine` - :class:`PropagationEngine` (propagate, repropagate, suggest_next): orchestration,
+* :mod:`.options` - the engine's defaults and option checks; :mod:`.segments` - the runs of
+  slices a (re)propagation fills,
+* :mod:`.stcn_passes` - the network's passes, key/value/pass caches (torch);
+  :mod:`.stcn_fusion` - passes -> labels between and beyond the anchors,
 * :mod:`.interp` - classical methods: SDF interpolation and copy-nearest,
 * :mod:`.appearance` - image-guided fusion between anchors (SDF shape prior x CT intensity
-  model, the image weight chosen per gap by leave-one-anchor-out),
-* :mod:`.gap` - that fusion on the slices of one gap, in numpy (no torch).
+  model); :mod:`.weighting` - the image weight chosen on the volume's own anchors,
+* :mod:`.gap` - that fusion on the slices of one gap, in numpy (no torch),
+* :mod:`.adapt` - online adaptation; :mod:`.clips` - the clip sampler it shares with training.
+
+Build engines through :mod:`napari_propseg.pipeline` (one set of defaults).
 
 Names are imported on first use, so importing the package does not import torch.
 """

@@ -2,9 +2,9 @@
 
 Before propagating a volume, the network can be trained for a few steps on the slices the
 user has already labelled (the anchors), so that it learns this patient's anatomy and
-contrast. The clips are made from the anchor slices alone, with the training code of
-:mod:`napari_propseg.training.data` (:class:`~napari_propseg.training.data.ClipDataset`
-over a "volume" that holds only the anchors, in slice order):
+contrast. The clips are made from the anchor slices alone, with the clip sampler the
+training uses (:class:`~.clips.ClipDataset` over a "volume" that holds only the anchors,
+in slice order):
 
 * **anchor clips**: ``num_frames`` anchors in slice order, consecutive anchors at most
   ``max_anchor_gap`` anchors apart, in either direction (random reversal), with one random
@@ -17,7 +17,7 @@ over a "volume" that holds only the anchors, in slice order):
 
 The objects of a clip are one or two labels of its first frame (as in training), each
 covering at least ``min_area_fraction`` of the slice. Loss, optimiser and normalisation are
-those of the training (:func:`~napari_propseg.training.losses.propagation_loss`: bootstrapped
+those of the training (:func:`~napari_propseg.losses.propagation_loss`: bootstrapped
 cross-entropy + Lovasz-softmax; AdamW; gradient clipping; GroupNorm, BatchNorm statistics
 frozen), with a small learning rate and no schedule. The input network is never modified:
 :func:`adapt_stcn` returns a fine-tuned copy.
@@ -41,8 +41,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..progress import CancelFn, ProgressFn, check_cancel, report
-from ..training.data import CaseData, ClipDataset, TrainingData
-from ..training.losses import propagation_loss
+from ..losses import propagation_loss
+from .clips import CaseData, ClipDataset, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,34 @@ class AnchorClips:
         return torch.utils.data.default_collate(items)
 
 
+def anchor_inputs(passes, labels: np.ndarray, anchors, locked: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """The anchors as the engine feeds them to the network: (N, 3, R, R) frames
+    (:meth:`~.stcn_passes.StcnPasses.frame`: body crop, resize, window) and (N, R, R) uint8
+    compact object ids (body crop, locked labels left out, resized by nearest neighbour).
+
+    Raises:
+        InputError: more than 255 different labels on the anchors.
+    """
+    from ..preprocess import resize_slices
+
+    with torch.inference_mode():
+        frames = torch.cat([passes.frame(z) for z in anchors]).float().cpu().numpy()  # N, 3, R, R
+    crops = np.stack([passes.crop.crop(np.where(np.isin(labels[z], locked), 0, labels[z]), 0) for z in anchors])
+    ids, compact = np.unique(crops, return_inverse=True)
+    if ids.size > 256:
+        raise InputError(f"The anchors hold {ids.size - 1} different labels; adaptation handles at most 255.")
+    compact = compact.reshape(crops.shape).astype(np.uint8)  # 0 stays 0: ids are sorted and 0 is the smallest
+    if ids[0] != 0:
+        compact += 1
+    return frames, resize_slices(compact, (resolution, resolution), mode="nearest")
+
+
 def clip_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device, lovasz_weight: float = 1.0,
               amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Training loss of ``model`` on a batch of clips (:class:`ClipDataset` items, stacked).
 
     Returns:
-        ``{"loss", "ce", "lovasz"}`` scalars (see :func:`~napari_propseg.training.losses.propagation_loss`).
+        ``{"loss", "ce", "lovasz"}`` scalars (see :func:`~napari_propseg.losses.propagation_loss`).
     """
     frames = batch["frames"].to(device)  # B, T, 3, R, R
     masks = batch["masks"].to(device)  # B, T, K, R, R

@@ -27,14 +27,15 @@ goes wrong. This module lets the image correct the blended contour near its boun
   anchors can appear, and pieces of a label that do not touch its blended contour are
   dropped when another piece does (:func:`drop_islands`): no specks.
 
-The slices of ``interp`` and the leave-one-out predictions are computed by
-:class:`~.gap.GuidedGap` (numpy: no normalisation, each label only in the box it can reach,
-the anchors' signed distances shared); :func:`guided_slice` / :func:`guided_indices` are
-the same fusion in torch (the STCN path, which adds the network's term).
+Every gap fill is computed by :class:`~.gap.GuidedGap` (numpy: no normalisation, each label
+only in the box it can reach, the anchors' signed distances shared): the slices of
+``interp``, the leave-one-out predictions of the weight choice and the STCN engine's gaps
+(:mod:`.stcn_fusion`, which adds the network's term). :func:`guided_slice` /
+:func:`guided_indices` are the same fusion written plainly in torch, the reference the
+tests compare it with.
 
-Measured (PROTOCOL.md section 1, 2026-11-30, 2-core CPU; defaults picked on the DICOM case
-and two phantoms, see the README): held-out TotalSegmentator CT, k = 5 / 9, mean Dice
-0.808 / 0.809 (SDF interpolation) -> 0.86 / 0.86 with the intensity model.
+Defaults were picked on the DICOM case and two phantoms; measurements in the README and
+``docs/ARCHITECTURE.md`` (history).
 """
 from __future__ import annotations
 

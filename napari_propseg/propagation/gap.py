@@ -1,8 +1,9 @@
 """The image-guided fill of one gap between two anchors, in numpy (no torch).
 
-One place for what :func:`~.interp.sdf_interpolate_with_confidence` (``interp``) and
-:func:`~.appearance.choose_weight` (the automatic image weight) compute on a slice between
-two anchors ``a < b``: per pixel ``argmax_c log prior_c + w log p(HU | c)`` with the shape
+One place for what :func:`~.interp.sdf_interpolate_with_confidence` (``interp``),
+:func:`~.appearance.choose_weight` (the automatic image weight) and the STCN engine
+(:meth:`~.stcn_fusion.StcnFusion.guided_gap`, with the network's term as ``extra``) compute
+on a slice between two anchors ``a < b``: per pixel ``argmax_c log prior_c + w log p(HU | c)`` with the shape
 prior of :func:`~.appearance.prior_log_probs` and the intensity model of
 :class:`~.appearance.GapAppearance`, then :func:`~.appearance.drop_islands`. The labels
 are those of the torch formulation (up to floating-point rounding at exact ties); it is
@@ -224,7 +225,7 @@ class GuidedGap:
                       max(b[3] for b in live)) if live else (0, 0, 0, 0)
 
     def fill(self, wa: float, tau_px: float, image: np.ndarray | None, logh: np.ndarray | None,
-             weights: Sequence[float]) -> list[np.ndarray]:
+             weights: Sequence[float], extra: np.ndarray | None = None) -> list[np.ndarray]:
         """Class indices (0 = background, ``i + 1`` = ``ids[i]``) of one slice on
         :attr:`union`, one array per image weight in ``weights``, islands dropped.
 
@@ -234,6 +235,8 @@ class GuidedGap:
             image: (Y, X) HU of the slice, on the grid of the anchors (None: no image term).
             logh: (K+1, B) float32 ``log p(bin | class)`` of this slice (None: no image term).
             weights: image weights (0: the prior alone, i.e. SDF interpolation).
+            extra: (K+1, Y, X) float32 log scores added as they are (the STCN network's
+                term); ``span`` must then include their largest spread between classes.
         """
         uy0, uy1, ux0, ux1 = self.union
         h, w = uy1 - uy0, ux1 - ux0
@@ -255,13 +258,16 @@ class GuidedGap:
             blended.append(d)
         bg_prior = log_sigmoid(dmin * inv)
         bg_ll = logh[0][ub] if image else None
+        if extra is not None:
+            bg_prior = bg_prior + extra[0, uy0:uy1, ux0:ux1]
         priors, lls = [], []
         for k, ((y0, y1, x0, x1), d) in enumerate(zip(self.boxes, blended)):
             if d is None:
                 priors.append(None)
                 lls.append(None)
                 continue
-            priors.append(log_sigmoid(-d * inv))
+            prior = log_sigmoid(-d * inv)
+            priors.append(prior if extra is None else prior + extra[k + 1, y0:y1, x0:x1])
             lls.append(logh[k + 1][ub[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0]] if image else None)
         out = []
         for wt in weights:

@@ -26,8 +26,10 @@ from torch import nn
 
 from ..device import resolve_device
 from ..errors import InputError
+from ..metrics import dice_from_counts
 from ..preprocess import window_ct
 from ..progress import CancelFn, ProgressFn, check_cancel, report
+from ..slices import uniform_slices  # noqa: F401  (re-exported: napari_propseg.reference.inference.uniform_slices)
 from ..weights import models_dir
 from . import load_reference_model
 
@@ -72,21 +74,6 @@ class Suggestion:
 def default_k(n_slices: int) -> int:
     """``min(Z // 5, 64)``, at least 1."""
     return max(1, min(n_slices // 5, MAX_DEFAULT_K))
-
-
-def uniform_slices(n_slices: int, k: int) -> list[int]:
-    """k slice indices at the centres of k equal parts of ``[0, Z)``.
-
-    ``z_i = floor((i + 1/2) Z / k)``, i = 0..k-1: evenly spaced, half a step in from
-    either end (the end slices rarely hold organs). ``k >= Z`` returns every slice.
-    """
-    if n_slices < 1:
-        raise InputError("The volume has no slices; pass a 3-D image with at least one axial slice.")
-    if k < 1:
-        raise InputError(f"k must be a positive number of slices, got {k}; pass --k 1 or more.")
-    if k >= n_slices:
-        return list(range(n_slices))
-    return sorted({int((i + 0.5) * n_slices / k) for i in range(k)})
 
 
 def default_weight_paths(folder: str | os.PathLike | None = None, *, model: str | None = None) -> list[Path]:
@@ -162,8 +149,8 @@ def drop_disagreeing(ens: np.ndarray, masks: Sequence[np.ndarray], n_classes: in
         if c == 0:
             continue
         a, b = masks[0] == c, masks[1] == c
-        denom = int(a.sum()) + int(b.sum())
-        if denom and 2.0 * int((a & b).sum()) / denom < min_dice:
+        n_a, n_b = int(a.sum()), int(b.sum())
+        if n_a + n_b and dice_from_counts(int((a & b).sum()), n_a, n_b) < min_dice:
             ens[ens == c] = 0
             dropped.append(c)
     return dropped
@@ -372,8 +359,7 @@ def agreement_dice(inter: np.ndarray, size_m: np.ndarray, size_e: np.ndarray) ->
     for m in range(size_m.shape[0]):
         out[m] = {}
         for c in present:
-            denom = int(size_m[m, c] + size_e[c])
-            out[m][c] = 2.0 * int(inter[m, c]) / denom if denom else 1.0
+            out[m][c] = dice_from_counts(inter[m, c], size_m[m, c], size_e[c])
     return out
 
 

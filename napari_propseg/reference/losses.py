@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..training.losses import lovasz_softmax_flat
+from ..losses import lovasz_softmax_flat
 
 LOSSES = ("dice_ce", "godc_ce", "dice", "ce", "lovasz", "lovasz_ce")
 
@@ -147,7 +147,7 @@ def lovasz_softmax_probs(probs: torch.Tensor, target: torch.Tensor, *, classes: 
     """Lovasz-softmax from probabilities ``(B, C, H, W)`` over all pixels of the batch.
 
     Shares the Lovasz extension with the propagation losses
-    (:func:`napari_propseg.training.losses.lovasz_softmax_flat`).
+    (:func:`napari_propseg.losses.lovasz_softmax_flat`).
 
     Args:
         probs: probabilities.

@@ -6,14 +6,15 @@ Two stages in one run, as in STCN:
   elastic deformation, objects = organ masks or SLIC superpixels;
 * **stage 1** (``stage1_steps``): clips of 3 axial slices with a curriculum of gaps.
 
-See :mod:`napari_propseg.training.data` for the clips. Loss: bootstrapped CE + Lovasz-
-softmax (:mod:`napari_propseg.training.losses`). AdamW (lr 1e-4), step decay (the lr is
+See :mod:`napari_propseg.propagation.clips` for the clips. Loss: bootstrapped CE + Lovasz-
+softmax (:mod:`napari_propseg.losses`). AdamW (lr 1e-4), step decay (the lr is
 multiplied by ``gamma`` at each milestone, given as fractions of the current stage; it
 starts again from the base lr at stage 1), gradient clipping, GroupNorm networks, CUDA
 autocast (bf16 where supported, else fp16 with a GradScaler) only on CUDA.
 
 Outputs in ``out_dir``: ``train_log.csv`` (losses), ``val_log.csv`` (validation Dice of
-the k-anchor propagation on held-out volumes), ``checkpoints/step_NNNNNNN.pt`` and
+the k-anchor propagation on held-out volumes, by the shipped engine built through
+:mod:`napari_propseg.pipeline` with the network being trained), ``checkpoints/step_NNNNNNN.pt`` and
 ``checkpoints/last.pt`` (resumable: model, optimizer, scheduler, step, config, RNG), and
 the weights-only file (``weights_name``, default ``stcn_propagation.pt``) loadable with
 :func:`napari_propseg.propagation.network.load_stcn`.
@@ -35,6 +36,7 @@ import os
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -55,7 +57,7 @@ from .common import (
     unwrap,
 )
 from .data import ClipDataset, StepSampler, TrainingData, build_training_data, load_cache, resolve_data_config
-from .losses import propagation_loss
+from ..losses import propagation_loss
 
 log = logging.getLogger(__name__)
 
@@ -264,22 +266,31 @@ def validation_dice(model: torch.nn.Module | None, case, *, k: int, device: torc
     ground truth there.
 
     Args:
-        model: the network (ignored for ``method="sdf"``).
+        model: the network (ignored for ``method="sdf"``), in eval mode.
         case: a :class:`~napari_propseg.training.data.CaseData`.
         k: number of anchors.
-        method: ``"stcn"`` (:func:`propagate_between_anchors`) or ``"sdf"`` (the classical
-            signed-distance interpolation baseline on the same anchors).
+        method: ``"stcn"``: the shipped engine with this network, built through
+            :func:`napari_propseg.pipeline.make_engine` with the default settings (image
+            weight chosen on the anchors, guided fusion, outward propagation) on the case's
+            cropped and resized HU (``case.hu``); a case without ``hu`` falls back to
+            :func:`propagate_between_anchors`. ``"sdf"``: the classical signed-distance
+            interpolation baseline on the same anchors.
 
     Returns:
         ``{"mean_dice", "n_labels", "per_label": {id: dice}, "anchors": [...]}``.
     """
     anchors = anchor_slices(case.labels, k)
+    seeds = np.zeros_like(case.labels)
+    seeds[anchors] = case.labels[anchors]
     if method == "sdf":
         from ..propagation.interp import sdf_interpolate
 
-        seeds = np.zeros_like(case.labels)
-        seeds[anchors] = case.labels[anchors]
         pred = sdf_interpolate(seeds, anchors)
+    elif case.hu is not None and anchors:
+        from ..pipeline import EngineSettings, propagate
+
+        settings = EngineSettings(method="stcn", device=device, options={"model": unwrap(model), "pass_cache_mb": 0})
+        pred = propagate(case.hu, seeds, anchors, settings, spacing=case.spacing).labels
     else:
         pred = propagate_between_anchors(unwrap(model), case.image, case.labels, anchors, device=device, amp_dtype=amp_dtype)
     per = _dice_between(case.labels, pred, anchors)
@@ -361,239 +372,298 @@ def train_propagation(
     rank, world, _local_rank, dev = ddp_setup(device)
     main = rank == 0
     try:
-        return _train(cfg, resume=resume, out_dir=out_dir, progress=progress, cancel=cancel, dev=dev, rank=rank, world=world,
-                      main=main, cache=cache, data=data, t_start=t_start, on_step=on_step,
-                      time_limit=time_limit)
+        return _train(cfg, _Run(resume=resume, out_dir=out_dir, progress=progress, cancel=cancel, dev=dev, rank=rank, world=world,
+                                main=main, cache=cache, data=data, t_start=t_start, on_step=on_step, time_limit=time_limit))
     finally:
         ddp_cleanup()
 
 
-def _train(cfg, *, resume, out_dir, progress, cancel, dev, rank, world, main, cache, data, t_start, on_step, time_limit) -> Path:
-    from ..propagation.network import build_stcn
-    from ..weights import save_weights
+@dataclass
+class _Run:
+    """How one training run was launched (see :func:`train_propagation`)."""
 
-    s0, s1 = cfg["stage0_steps"], cfg["stage1_steps"]
-    total = s0 + s1
-    payload = None
-    if resume is not None:
-        payload = load_checkpoint(resume, restore_rng=False)  # read-only first: config check
-        old_net = payload["config"].get("network_config")
-        if old_net is not None and old_net != cfg["network_config"]:
-            raise InputError(f"Checkpoint {resume} was trained with another architecture ({old_net}); resume with the config it was trained with.")
+    resume: str | os.PathLike | None
+    out_dir: str | os.PathLike | None
+    progress: ProgressFn
+    cancel: CancelFn
+    dev: torch.device
+    rank: int
+    world: int
+    main: bool
+    cache: str | os.PathLike | None
+    data: TrainingData | None
+    t_start: float
+    on_step: Callable[[int, torch.nn.Module, dict], None] | None
+    time_limit: float | None
+
+
+def _check_resume(cfg, resume) -> dict | None:
+    """The checkpoint to resume from, read once (read-only) to check its architecture."""
+    if resume is None:
+        return None
+    payload = load_checkpoint(resume, restore_rng=False)  # read-only first: config check
+    old_net = payload["config"].get("network_config")
+    if old_net is not None and old_net != cfg["network_config"]:
+        raise InputError(f"Checkpoint {resume} was trained with another architecture ({old_net}); resume with the config it was trained with.")
+    return payload
+
+
+def _out_folder(cfg, run: _Run) -> Path:
+    out_dir = run.out_dir
     if out_dir is None:
-        out_dir = cfg.get("out_dir") or (Path(resume).resolve().parent.parent if resume is not None else Path("runs/propagation"))
+        out_dir = cfg.get("out_dir") or (Path(run.resume).resolve().parent.parent if run.resume is not None else Path("runs/propagation"))
         if cfg.get("out_dir") and cfg.get("_config_dir") and not Path(out_dir).is_absolute():
             out_dir = Path(cfg["_config_dir"]) / out_dir
     out = Path(out_dir)
-    if main:
+    if run.main:
         out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    # data
+
+def _training_data(cfg, run: _Run) -> TrainingData:
+    data = run.data
     if data is None:
-        data = load_cache(cache, resolution=cfg["resolution"]) if cache is not None else build_training_data(cfg["data"])
+        data = load_cache(run.cache, resolution=cfg["resolution"]) if run.cache is not None else build_training_data(cfg["data"])
     if data.resolution != cfg["resolution"]:
         raise InputError(f"The training data are at resolution {data.resolution} but the config asks for {cfg['resolution']}; rebuild the cache.")
     if data.crop != str(cfg["data"].get("crop", "body")):
         raise InputError(f"The training data were cropped with crop={data.crop!r} but the config asks for {cfg['data'].get('crop', 'body')!r}; rebuild the cache.")
+    return data
 
-    # model, optimisation
-    seed_everything(cfg["seed"])
-    model = build_stcn(cfg["network_config"]).to(dev)
-    model.train()
-    opt_cfg = cfg["optimizer"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg.get("weight_decay", 0.0)),
-                                  betas=tuple(float(b) for b in opt_cfg.get("betas", (0.9, 0.999))))
-    decay = cfg["lr_decay"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, s0, s1, decay.get("milestones", []), float(decay.get("gamma", 0.1))))
-    amp_dtype = _amp_dtype(cfg, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    start = 0
-    if payload is not None:
-        payload = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
-        start = int(payload["step"])
-        if scaler is not None and payload.get("extra", {}).get("scaler"):
-            scaler.load_state_dict(payload["extra"]["scaler"])
-        log.info("resumed from %s at step %d", resume, start)
-        if start >= total:
-            log.warning("checkpoint %s is at step %d, the config asks for %d steps: only exporting weights", resume, start, total)
-    if world > 1:
-        torch.manual_seed(int(cfg["seed"]) * 1000 + rank + start)  # rank-specific torch RNG (model init already broadcast)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=bool(cfg["find_unused_parameters"]))
-    else:
-        ddp_model = model
 
-    batch = cfg["batch_size"]
-    clip_cfg = {**dict(cfg.get("clips") or {}), "seed": cfg["seed"]}
-    dataset = ClipDataset(data, clip_cfg, stage0_steps=s0, stage1_steps=s1, global_batch=batch * world)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=StepSampler(start, total, batch, rank, world), num_workers=int(cfg["num_workers"]),
-        pin_memory=dev.type == "cuda", persistent_workers=False, drop_last=False,
-        # own generator: creating the iterator must not consume the global torch RNG (resume
-        # would then diverge from an uninterrupted run); samples depend only on their index
-        generator=torch.Generator().manual_seed(int(cfg["seed"])))
+def _train(cfg, run: _Run) -> Path:
+    payload = _check_resume(cfg, run.resume)
+    out = _out_folder(cfg, run)
+    data = _training_data(cfg, run)
+    trainer = _Trainer(cfg, run, data, out, payload)
+    return trainer.export(trainer.loop())
 
-    train_log = CSVLogger(out / "train_log.csv", TRAIN_FIELDS, resume_step=start) if main else None
-    val_log = CSVLogger(out / "val_log.csv", VAL_FIELDS, resume_step=start) if main else None
-    ckpt_dir = out / "checkpoints"
 
-    def checkpoint(step: int) -> None:
-        if not main:
+class _Trainer:
+    """One training run: model, optimisation, logs, checkpoints, validation (see :func:`train_propagation`)."""
+
+    def __init__(self, cfg, run: _Run, data: TrainingData, out: Path, payload: dict | None) -> None:
+        from ..propagation.network import build_stcn
+
+        self.cfg, self.run, self.data, self.out = cfg, run, data, out
+        dev, world, rank = run.dev, run.world, run.rank
+        self.s0, self.s1 = cfg["stage0_steps"], cfg["stage1_steps"]
+        self.total = self.s0 + self.s1
+        seed_everything(cfg["seed"])
+        self.model = model = build_stcn(cfg["network_config"]).to(dev)
+        model.train()
+        opt_cfg = cfg["optimizer"]
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt_cfg["lr"]), weight_decay=float(opt_cfg.get("weight_decay", 0.0)),
+                                           betas=tuple(float(b) for b in opt_cfg.get("betas", (0.9, 0.999))))
+        decay = cfg["lr_decay"]
+        s0, s1 = self.s0, self.s1
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, s0, s1, decay.get("milestones", []), float(decay.get("gamma", 0.1))))
+        self.amp_dtype = _amp_dtype(cfg, dev)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.start = 0
+        if payload is not None:
+            payload = load_checkpoint(run.resume, model=model, optimizer=self.optimizer, scheduler=self.scheduler, restore_rng=True)
+            self.start = int(payload["step"])
+            if self.scaler is not None and payload.get("extra", {}).get("scaler"):
+                self.scaler.load_state_dict(payload["extra"]["scaler"])
+            log.info("resumed from %s at step %d", run.resume, self.start)
+            if self.start >= self.total:
+                log.warning("checkpoint %s is at step %d, the config asks for %d steps: only exporting weights", run.resume,
+                            self.start, self.total)
+        if world > 1:
+            torch.manual_seed(int(cfg["seed"]) * 1000 + rank + self.start)  # rank-specific torch RNG (model init already broadcast)
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=bool(cfg["find_unused_parameters"]))
+        else:
+            self.ddp_model = model
+        batch = cfg["batch_size"]
+        clip_cfg = {**dict(cfg.get("clips") or {}), "seed": cfg["seed"]}
+        self.dataset = ClipDataset(data, clip_cfg, stage0_steps=s0, stage1_steps=s1, global_batch=batch * world)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch, sampler=StepSampler(self.start, self.total, batch, rank, world),
+            num_workers=int(cfg["num_workers"]), pin_memory=dev.type == "cuda", persistent_workers=False, drop_last=False,
+            # own generator: creating the iterator must not consume the global torch RNG (resume
+            # would then diverge from an uninterrupted run); samples depend only on their index
+            generator=torch.Generator().manual_seed(int(cfg["seed"])))
+        self.train_log = CSVLogger(out / "train_log.csv", TRAIN_FIELDS, resume_step=self.start) if run.main else None
+        self.val_log = CSVLogger(out / "val_log.csv", VAL_FIELDS, resume_step=self.start) if run.main else None
+        self.ckpt_dir = out / "checkpoints"
+        self.last_val: dict[str, float] = {}
+        self.baseline: dict[tuple[str, int], float] = {}
+        ks = cfg["val"].get("k", 5)
+        self.ks = [int(v) for v in (ks if isinstance(ks, (list, tuple)) else [ks])]
+        self.sums = {"loss": 0.0, "ce": 0.0, "lovasz": 0.0}
+        self.n_sum = 0
+        self.t_log = time.time()
+
+    def checkpoint(self, step: int) -> None:
+        if not self.run.main:
             return
-        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-        p = save_checkpoint(ckpt_dir / f"step_{step:07d}.pt", model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                            config=_jsonable(cfg), extra=extra)
-        tmp = ckpt_dir / ".last.pt.tmp"
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        p = save_checkpoint(self.ckpt_dir / f"step_{step:07d}.pt", model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, step=step, config=_jsonable(self.cfg), extra=extra)
+        tmp = self.ckpt_dir / ".last.pt.tmp"
         tmp.write_bytes(p.read_bytes())
-        os.replace(tmp, ckpt_dir / "last.pt")
-        keep = int(cfg.get("keep_checkpoints") or 0)
+        os.replace(tmp, self.ckpt_dir / "last.pt")
+        keep = int(self.cfg.get("keep_checkpoints") or 0)
         if keep > 0:
-            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-keep]:
                 old.unlink()
 
-    last_val: dict[str, float] = {}
-    baseline: dict[tuple[str, int], float] = {}
-    ks = cfg["val"].get("k", 5)
-    ks = [int(v) for v in (ks if isinstance(ks, (list, tuple)) else [ks])]
-
-    def validate(step: int) -> None:
-        if not main or not data.validation:
+    def validate(self, step: int) -> None:
+        if not self.run.main or not self.data.validation:
             return
-        model.eval()
-        cases = data.validation[: cfg["val"].get("max_cases") or None]
+        dev, baseline = self.run.dev, self.baseline
+        self.model.eval()
+        cases = self.data.validation[: self.cfg["val"].get("max_cases") or None]
         for case in cases:
-            for k in ks:
+            for k in self.ks:
                 if (case.name, k) not in baseline:
                     baseline[(case.name, k)] = validation_dice(None, case, k=k, device=dev, method="sdf")["mean_dice"]
                 t0 = time.time()
-                res = validation_dice(model, case, k=k, device=dev, amp_dtype=amp_dtype)
-                val_log.log({"step": step, "case": case.name, "k": k, "mean_dice": res["mean_dice"], "sdf_dice": baseline[(case.name, k)],
-                             "n_labels": res["n_labels"], "seconds": time.time() - t0})
-                last_val[f"{case.name}@k{k}"] = res["mean_dice"]
+                res = validation_dice(self.model, case, k=k, device=dev, amp_dtype=self.amp_dtype)
+                self.val_log.log({"step": step, "case": case.name, "k": k, "mean_dice": res["mean_dice"],
+                                  "sdf_dice": baseline[(case.name, k)], "n_labels": res["n_labels"], "seconds": time.time() - t0})
+                self.last_val[f"{case.name}@k{k}"] = res["mean_dice"]
                 log.info("step %d validation %s k=%d: mean Dice %.4f (SDF interpolation %.4f) over %d labels",
                          step, case.name, k, res["mean_dice"], baseline[(case.name, k)], res["n_labels"])
-        model.train()
+        self.model.train()
 
-    step = start
-    sums = {"loss": 0.0, "ce": 0.0, "lovasz": 0.0}
-    n_sum = 0
-    t_log = time.time()
-
-    def flush_log(at: int, lr: float) -> None:
+    def flush_log(self, at: int, lr: float) -> None:
         """Write the mean losses since the last row (mean over ranks too); every rank calls it."""
-        nonlocal sums, n_sum, t_log
-        if n_sum == 0:
+        if self.n_sum == 0:
             return
-        vals = torch.tensor([sums["loss"], sums["ce"], sums["lovasz"]], dtype=torch.float64, device=dev) / n_sum
-        if world > 1:
+        sums = self.sums
+        vals = torch.tensor([sums["loss"], sums["ce"], sums["lovasz"]], dtype=torch.float64, device=self.run.dev) / self.n_sum
+        if self.run.world > 1:
             torch.distributed.all_reduce(vals)
-            vals /= world
-        if main:
-            train_log.log({"step": at, "stage": int(at > s0), "max_gap": dataset.max_gap(at - 1) if at > s0 else 0,
-                           "lr": lr, "loss": float(vals[0]), "ce": float(vals[1]), "lovasz": float(vals[2]),
-                           "sec_per_step": (time.time() - t_log) / n_sum})
-        sums = dict.fromkeys(sums, 0.0)
-        n_sum = 0
-        t_log = time.time()
+            vals /= self.run.world
+        if self.run.main:
+            self.train_log.log({"step": at, "stage": int(at > self.s0), "max_gap": self.dataset.max_gap(at - 1) if at > self.s0 else 0,
+                                "lr": lr, "loss": float(vals[0]), "ce": float(vals[1]), "lovasz": float(vals[2]),
+                                "sec_per_step": (time.time() - self.t_log) / self.n_sum})
+        self.sums = dict.fromkeys(sums, 0.0)
+        self.n_sum = 0
+        self.t_log = time.time()
 
-    lr_now = optimizer.param_groups[0]["lr"]
-    it = iter(loader)
-    while step < total:
-        if cancel is not None and cancel():
-            flush_log(step, lr_now)
-            checkpoint(step)
-            barrier()
-            check_cancel(cancel)
-        item = next(it)
+    def train_step(self, item: dict) -> dict:
+        """One optimisation step on a batch; returns this rank's loss tensors."""
+        dev, cfg, scaler, optimizer = self.run.dev, self.cfg, self.scaler, self.optimizer
         frames = item["frames"].to(dev, non_blocking=True)  # B, T, 3, R, R
         masks = item["masks"].to(dev, non_blocking=True)  # B, T, K, R, R
         target = item["target"].to(dev, non_blocking=True)  # B, T, R, R
         nobj = item["num_objects"].to(dev)
-        amp = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        amp = torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with amp:
-            logits = ddp_model(frames, masks[:, 0], nobj)  # B, T-1, K+1, R, R
+            logits = self.ddp_model(frames, masks[:, 0], nobj)  # B, T-1, K+1, R, R
         losses = propagation_loss(logits.float(), target[:, 1:], lovasz_weight=float(cfg["lovasz_weight"]))
         optimizer.zero_grad(set_to_none=True)
-        lr_now = optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)
         else:
             losses["loss"].backward()
         if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg["grad_clip"]))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        scheduler.step()
-        step += 1
-        for key in sums:
-            sums[key] += float(losses[key].detach())
-        n_sum += 1
-        if not math.isfinite(sums["loss"]):
-            raise RuntimeError(f"training loss is not finite at step {step}; lower the learning rate or use amp: bf16/off")
+        self.scheduler.step()
+        return losses
 
-        if step % cfg["log_every"] == 0 or step == total:
-            flush_log(step, lr_now)
-        synced = False
-        if step % cfg["val_every"] == 0 or step == total:
-            validate(step)
-            synced = True
-        if step % cfg["ckpt_every"] == 0 or step == total:
-            checkpoint(step)
-            synced = True
-        if synced:
-            barrier()  # the other ranks wait while rank 0 validates / saves
-        if on_step is not None:
-            on_step(step, model, {k: v.detach() for k, v in losses.items()})
-        report(progress, step, total, f"stage {int(step > s0)} loss {float(losses['loss'].detach()):.3f}")
-        if time_limit is not None and step < total and (world == 1 or step % cfg["log_every"] == 0):
-            over = torch.tensor(float(time.time() - t_start > float(time_limit)), device=dev)
-            if world > 1:
-                torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
-            if over.item() > 0:
+    def time_is_up(self, step: int) -> bool:
+        run, cfg = self.run, self.cfg
+        if run.time_limit is None or step >= self.total or not (run.world == 1 or step % cfg["log_every"] == 0):
+            return False
+        over = torch.tensor(float(time.time() - run.t_start > float(run.time_limit)), device=run.dev)
+        if run.world > 1:
+            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        return over.item() > 0
+
+    def loop(self) -> int:
+        """Train from the start step to the end (or the time limit); returns the last step."""
+        cfg, run, total = self.cfg, self.run, self.total
+        step = self.start
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        it = iter(self.loader)
+        while step < total:
+            if run.cancel is not None and run.cancel():
+                self.flush_log(step, lr_now)
+                self.checkpoint(step)
+                barrier()
+                check_cancel(run.cancel)
+            item = next(it)
+            lr_now = self.optimizer.param_groups[0]["lr"]
+            losses = self.train_step(item)
+            step += 1
+            for key in self.sums:
+                self.sums[key] += float(losses[key].detach())
+            self.n_sum += 1
+            if not math.isfinite(self.sums["loss"]):
+                raise RuntimeError(f"training loss is not finite at step {step}; lower the learning rate or use amp: bf16/off")
+            if step % cfg["log_every"] == 0 or step == total:
+                self.flush_log(step, lr_now)
+            synced = False
+            if step % cfg["val_every"] == 0 or step == total:
+                self.validate(step)
+                synced = True
+            if step % cfg["ckpt_every"] == 0 or step == total:
+                self.checkpoint(step)
+                synced = True
+            if synced:
+                barrier()  # the other ranks wait while rank 0 validates / saves
+            if run.on_step is not None:
+                run.on_step(step, self.model, {k: v.detach() for k, v in losses.items()})
+            report(run.progress, step, total, f"stage {int(step > self.s0)} loss {float(losses['loss'].detach()):.3f}")
+            if self.time_is_up(step):
                 log.warning("time limit of %.0f s reached at step %d of %d: checkpoint written, resume with --resume %s",
-                            float(time_limit), step, total, ckpt_dir / "last.pt")
-                flush_log(step, lr_now)
-                checkpoint(step)
+                            float(run.time_limit), step, total, self.ckpt_dir / "last.pt")
+                self.flush_log(step, lr_now)
+                self.checkpoint(step)
                 barrier()
                 break
+        return step
 
-    if start >= total:
-        checkpoint(step)
-    weights = out / cfg["weights_name"]
-    if main:
-        meta = {
-            "trained_steps": step,
-            "complete": step >= total,
-            "stage0_steps": s0,
-            "stage1_steps": s1,
-            "resolution": cfg["resolution"],
-            "variant": cfg.get("variant"),
-            "train_cases": [c.name for c in data.cases],
-            "phantoms": len(data.phantoms),
-            "validation_cases": [c.name for c in data.validation],
-            "validation_mean_dice": last_val,
-            "hardware": _hardware(dev, world),
-            "wall_seconds_this_session": round(time.time() - t_start, 1),
-            "torch": str(torch.__version__),
-            "preprocessing": {
-                "crop": data.crop,  # "body": training.data.body_bbox (HU > -500 in >= 10% of slices, largest component, 4% margin, square in mm, air padding); "none": whole slice
-                "resize": "bilinear on HU to resolution x resolution, then window_ct (abdomen, chest, bone)",
-            },
-        }
-        wdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("weights_dtype", "float16")))
-        if wdtype is None:
-            raise InputError(f"Training option weights_dtype={cfg.get('weights_dtype')!r} is unknown; use float16, bfloat16 or float32.")
-        state = {k: (v.to(wdtype) if v.is_floating_point() else v) for k, v in unwrap(model).state_dict().items()}
-        meta["weights_dtype"] = str(cfg.get("weights_dtype", "float16"))
-        save_weights(weights, kind="stcn", config=unwrap(model).config, state_dict=state, meta=_jsonable(meta))
-        log.info("weights written to %s", weights)
-    barrier()
-    return weights
+    def export(self, step: int) -> Path:
+        """Write the weights-only file (rank 0) with the run's metadata; returns its path."""
+        from ..weights import save_weights
+
+        cfg, data, run, model = self.cfg, self.data, self.run, self.model
+        if self.start >= self.total:
+            self.checkpoint(step)
+        weights = self.out / cfg["weights_name"]
+        if run.main:
+            meta = {
+                "trained_steps": step,
+                "complete": step >= self.total,
+                "stage0_steps": self.s0,
+                "stage1_steps": self.s1,
+                "resolution": cfg["resolution"],
+                "variant": cfg.get("variant"),
+                "train_cases": [c.name for c in data.cases],
+                "phantoms": len(data.phantoms),
+                "validation_cases": [c.name for c in data.validation],
+                "validation_mean_dice": self.last_val,
+                "hardware": _hardware(run.dev, run.world),
+                "wall_seconds_this_session": round(time.time() - run.t_start, 1),
+                "torch": str(torch.__version__),
+                "preprocessing": {
+                    "crop": data.crop,  # "body": crop.body_bbox (HU > -500 in >= 10% of slices, largest component, 4% margin, square in mm, air padding); "none": whole slice
+                    "resize": "bilinear on HU to resolution x resolution, then window_ct (abdomen, chest, bone)",
+                },
+            }
+            wdtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("weights_dtype", "float16")))
+            if wdtype is None:
+                raise InputError(f"Training option weights_dtype={cfg.get('weights_dtype')!r} is unknown; use float16, bfloat16 or float32.")
+            state = {k: (v.to(wdtype) if v.is_floating_point() else v) for k, v in unwrap(model).state_dict().items()}
+            meta["weights_dtype"] = str(cfg.get("weights_dtype", "float16"))
+            save_weights(weights, kind="stcn", config=unwrap(model).config, state_dict=state, meta=_jsonable(meta))
+            log.info("weights written to %s", weights)
+        barrier()
+        return weights
 
 
 def _jsonable(obj: Any) -> Any:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..filenames import split_extension
 from ..progress import CancelFn, ProgressFn, check_cancel, report
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,7 @@ def ensemble_pseudo_label(
 
 
 def _case_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return split_extension(path.name, (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"))[0]
 
 
 def list_cases(folder: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -164,7 +161,7 @@ def _layout_paths(out: Path, layout: str, case: str, image: Path) -> tuple[Path,
     """(image path, label path) of a kept case in an output dataset folder."""
     from ..datasets import IMAGE_SUFFIXES
 
-    suffix = next((s for s in IMAGE_SUFFIXES if image.name.lower().endswith(s)), ".nii.gz")
+    suffix = split_extension(image.name, IMAGE_SUFFIXES)[1] or ".nii.gz"
     if layout == "nnunet":
         return out / "imagesTr" / f"{case}_0000{suffix}", out / "labelsTr" / f"{case}.nii.gz"
     return out / f"{case}_ct{suffix}", out / f"{case}_labels.nii.gz"

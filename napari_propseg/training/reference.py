@@ -383,6 +383,44 @@ def _common():
     return common
 
 
+def _build_pair(cfg: dict, size: int, n_cls: int, windows) -> nn.ModuleDict:
+    """The two reference networks ``a`` and ``b`` of the config's ``models`` (on the CPU)."""
+    model_cfgs = []
+    for m in cfg["models"]:
+        mc = resolve_config({"img_size": size, **m, "num_classes": n_cls})
+        if windows:
+            mc["windows"] = [list(w) for w in windows]
+        if cfg.get("label_names"):
+            mc["label_names"] = {str(k): str(v) for k, v in cfg["label_names"].items()}
+        model_cfgs.append(mc)
+    return nn.ModuleDict({"a": build_reference_model(model_cfgs[0]), "b": build_reference_model(model_cfgs[1])})
+
+
+def _sample_batch(rng: np.random.Generator, bl: int, bu: int, ratio: float, samp_real, samp_ph, samp_un):
+    """One training batch: ``(lab, x, z)``, the labelled part (``bl`` slices, real and phantom
+    mixed by ``ratio``) and the inputs with ``bu`` unlabelled slices appended."""
+    n_ph = int(rng.binomial(bl, ratio)) if samp_ph is not None and samp_real is not None else (bl if samp_ph else 0)
+    parts = []
+    if bl - n_ph > 0:
+        parts.append(samp_real.sample(bl - n_ph))
+    if n_ph > 0:
+        parts.append(samp_ph.sample(n_ph))
+    lab = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    unl = samp_un.sample(bu) if bu > 0 else None
+    x = torch.cat([lab["x"], unl["x"]]) if unl is not None else lab["x"]
+    z = torch.cat([lab["z"], unl["z"]]) if unl is not None else lab["z"]
+    return lab, x, z
+
+
+def _save_pair(pair: nn.ModuleDict, out: Path, meta: dict) -> list:
+    """Write the two weight files (``<arch>.pt``, or ``<arch>_a/_b.pt`` when both share one)."""
+    meta = json.loads(json.dumps(meta))  # plain types only: weight files load with weights_only=True
+    names = [m.config["arch"] for m in pair.values()]
+    if names[0] == names[1]:
+        names = [f"{names[0]}_a", f"{names[1]}_b"]
+    return [save_reference_model(out / f"{name}.pt", m, meta=meta) for name, m in zip(names, pair.values())]
+
+
 def train_reference(
     config: dict | str | os.PathLike,
     *,
@@ -431,15 +469,7 @@ def train_reference(
     # unlabeled slices: the unlabeled cases, else slices of the labeled ones (labels unused)
     samp_un = SliceSampler(unlabeled or labeled or phantoms, size, rng, **{**kw, "foreground_fraction": 0.0})
 
-    model_cfgs = []
-    for m in cfg["models"]:
-        mc = resolve_config({"img_size": size, **m, "num_classes": n_cls})
-        if windows:
-            mc["windows"] = [list(w) for w in windows]
-        if cfg.get("label_names"):
-            mc["label_names"] = {str(k): str(v) for k, v in cfg["label_names"].items()}
-        model_cfgs.append(mc)
-    pair = nn.ModuleDict({"a": build_reference_model(model_cfgs[0]), "b": build_reference_model(model_cfgs[1])}).to(device)
+    pair = _build_pair(cfg, size, n_cls, windows).to(device)
     opt = torch.optim.AdamW(pair.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     steps = int(cfg["steps"])
     power = float(cfg["poly_power"])
@@ -480,16 +510,7 @@ def train_reference(
             save()
             raise CancelledError(f"training cancelled at step {step}; resume with --resume {ckpt_path}")
         pair.train()
-        n_ph = int(rng.binomial(bl, ratio)) if samp_ph is not None and samp_real is not None else (bl if samp_ph else 0)
-        parts = []
-        if bl - n_ph > 0:
-            parts.append(samp_real.sample(bl - n_ph))
-        if n_ph > 0:
-            parts.append(samp_ph.sample(n_ph))
-        lab = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        unl = samp_un.sample(bu) if bu > 0 else None
-        x = torch.cat([lab["x"], unl["x"]]) if unl is not None else lab["x"]
-        z = torch.cat([lab["z"], unl["z"]]) if unl is not None else lab["z"]
+        lab, x, z = _sample_batch(rng, bl, bu, ratio, samp_real, samp_ph, samp_un)
         x, z = x.to(device), z.to(device)
         y, lmask = lab["y"].to(device), lab["labeled"].to(device)
         lam = cps_weight(step, float(cfg["cps"]["lambda_max"]), int(cfg["cps"]["warmup_steps"]), cfg["cps"]["ramp"])
@@ -539,12 +560,7 @@ def train_reference(
             "val": last_val, "device": str(device), "world_size": world, "host": platform.node(),
             "seconds": round(time.perf_counter() - t_start, 1), "torch": str(torch.__version__),
         }
-        meta = json.loads(json.dumps(meta))  # plain types only: weight files load with weights_only=True
-        names = [m.config["arch"] for m in pair.values()]
-        if names[0] == names[1]:
-            names = [f"{names[0]}_a", f"{names[1]}_b"]
-        for name, m in zip(names, pair.values()):
-            weights.append(save_reference_model(out / f"{name}.pt", m, meta=meta))
+        weights = _save_pair(pair, out, meta)
     common.barrier()
     common.ddp_cleanup()
     return {"weights": weights, "checkpoint": ckpt_path, "log": out / "train_log.csv", "step": step, "val": last_val,
