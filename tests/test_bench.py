@@ -323,3 +323,29 @@ def test_loop_suggest_checks_the_unverified_start_slices_first_least_agreed_firs
                          initial=(init, [16, 3, 10]), engine_factory=lambda m: NearestEngine(), max_rounds=3,
                          stop_at_target=False)
     assert [r["slice"] for r in res["curves"][0]["rounds"][1:]] == [3, 10, 16]
+
+
+def test_loop_mean_over_cases_pairs_policies_and_plots_one_panel(tmp_path):
+    gt = _cone()
+    results = []
+    for seed in range(5):  # more cases than MAX_PANELS: one panel with the mean curves
+        results.append(bloop.run_loop(np.zeros(gt.shape, np.int16), gt, (2.0, 1.0, 1.0), methods=("nearest",),
+                                      policies=("suggest", "random"), k=3, engine_factory=lambda m: NearestEngine(),
+                                      seed=seed, case=f"cone{seed}"))
+    summary = bloop.loop_summary(results)
+    assert summary["cases"] == 5
+    rows = {c["policy"]: c for c in summary["curves"]}
+    sug, rnd = rows["suggest"]["reached"]["0.95"], rows["random"]["reached"]["0.95"]
+    expect_s = np.mean([next(c for c in r["curves"] if c["policy"] == "suggest")["reached"]["0.95"]["corrected"] for r in results])
+    expect_r = np.mean([next(c for c in r["curves"] if c["policy"] == "random")["reached"]["0.95"]["corrected"] for r in results])
+    assert sug["paired_cases"] == rnd["paired_cases"] == 5
+    assert sug["mean_slices_paired"] == pytest.approx(expect_s)
+    assert sug["ratio_to_random"] == pytest.approx(expect_s / expect_r) and rnd["ratio_to_random"] == 1.0
+    # Dice after n corrections: n = 0 is the start; a curve that stopped keeps its last value
+    starts = [next(c for c in r["curves"] if c["policy"] == "suggest")["rounds"] for r in results]
+    assert rows["suggest"]["dice_after"]["0"] == pytest.approx(np.mean([rs[0]["mean_dice"] for rs in starts]))
+    paths = bloop.write_loop_report(results, tmp_path, machine="test")
+    data = json.loads(paths["json"].read_text())
+    assert data["mean_over_cases"]["cases"] == 5 and len(data["cases"]) == 5
+    assert "Mean over 5 cases" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

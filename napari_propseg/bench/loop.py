@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("suggest", "oracle", "random")
 LOOP_METHODS = ("stcn", "interp")
 DEFAULT_TARGETS = (0.90, 0.95)
+MAX_PANELS = 4  # more cases than this: one panel of all curves and their mean
 
 EngineFactory = Callable[[str], Any]
 
@@ -441,6 +442,8 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
     styles = {"suggest": ("-", "o"), "oracle": ("--", "s"), "random": (":", "^")}
     colours: dict[str, str] = {}
     palette = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
+    if len(results) > MAX_PANELS:
+        return _plot_mean_curves(results, path, Figure, styles, colours, palette)
     n = max(1, len(results))
     fig = Figure(figsize=(5 * n, 4), dpi=110)
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -460,6 +463,34 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
         ax.set_title(f"{res['case']} (start: {res['start']})", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _plot_mean_curves(results, path, Figure, styles, colours, palette) -> Path:
+    """One panel for a dataset: each case's curve thin, the mean over cases thick (a curve
+    that stopped keeps its last value, as in :func:`loop_summary`)."""
+    fig = Figure(figsize=(6.5, 4.5), dpi=110)
+    ax = fig.subplots()
+    cap = max((c["rounds"][-1]["corrected"] for res in results for c in res["curves"] if "skipped" not in c), default=0)
+    xs = list(range(cap + 1))
+    groups: dict[tuple[str, str], list] = {}
+    for res in results:
+        for c in res["curves"]:
+            if "skipped" not in c:
+                groups.setdefault((c["method"], c["policy"]), []).append([_dice_after(c, x) for x in xs])
+    for (method, policy), ys in groups.items():
+        col = colours.setdefault(method, palette[len(colours) % len(palette)])
+        ls, _ = styles.get(policy, ("-", "."))
+        for y in ys:
+            ax.plot(xs, y, linestyle=ls, color=col, lw=0.5, alpha=0.2)
+        ax.plot(xs, np.mean(ys, axis=0), linestyle=ls, color=col, lw=2.0, label=f"{method} / {policy} (mean of {len(ys)})")
+    for t in results[0]["targets"]:
+        ax.axhline(t, color="grey", lw=0.6, alpha=0.6)
+    ax.set_xlabel("corrected slices")
+    ax.set_ylabel("mean Dice (volume)")
+    ax.set_title(f"{len(results)} cases (start: {results[0]['start']})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
