@@ -66,12 +66,9 @@ def layer_data_for(vol: Any, name: str | None = None) -> tuple:
     from .session import layer_kwargs
 
     if name is None:
-        base = os.path.basename(os.path.normpath(vol.path)) if vol.path else "CT"
-        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-            if base.lower().endswith(ext):
-                base = base[: -len(ext)]
-                break
-        name = base
+        from .filenames import split_extension
+
+        name = split_extension(os.path.basename(os.path.normpath(vol.path)))[0] if vol.path else "CT"
     kwargs = layer_kwargs(vol, name)
     if _looks_like_labels(vol.array, vol.path):
         return vol.array, kwargs, "labels"

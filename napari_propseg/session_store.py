@@ -32,6 +32,7 @@ import numpy as np
 
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import InputError
+from .filenames import split_extension
 from .formats import format_from_path, label_map_path
 
 log = logging.getLogger(__name__)
@@ -257,11 +258,7 @@ def session_dir(geometry: dict, folder: str | os.PathLike | None = None) -> Path
     path = geometry.get("path")
     if path:
         p = Path(path)
-        stem = p.name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-            if stem.lower().endswith(ext):
-                stem = stem[: -len(ext)]
-                break
+        stem = split_extension(p.name)[0]
         name = stem + _series_tag(geometry) + SESSION_SUFFIX
         base = Path(folder) if folder is not None else p.parent
     else:

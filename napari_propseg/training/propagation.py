@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..metrics import dice_from_counts
 from ..progress import CancelFn, ProgressFn, check_cancel, report
 from .common import (
     CSVLogger,
@@ -254,7 +255,7 @@ def _dice_between(labels: np.ndarray, pred: np.ndarray, anchors: list[int]) -> d
     per = {}
     for i in sorted(set(np.unique(gt).tolist()) - {0}):
         g, p = gt == i, pr == i
-        per[int(i)] = float(2.0 * np.logical_and(g, p).sum() / (g.sum() + p.sum()))
+        per[int(i)] = float(dice_from_counts(np.logical_and(g, p).sum(), g.sum(), p.sum()))
     return per
 
 
