@@ -336,11 +336,9 @@ class RunOutcome:
 
 def summarize(outcome: RunOutcome, changed: list[int]) -> RunSummary:
     """The :class:`RunSummary` of a written-back run (``changed``: the slices that changed)."""
-    result, engine = outcome.result, outcome.engine
+    result = outcome.result  # a PropagationResult carries the weight; stand-in engines' results may not
     weight = getattr(result, "image_weight", None)
-    if weight is None:
-        weight = getattr(engine, "image_weight", None)
-    auto = bool(getattr(engine, "image_weight_scores", None))
+    auto = bool(getattr(result, "image_weight_auto", False))
     computed = getattr(result, "computed", None)
     return RunSummary(outcome.run.description, changed, None if computed is None else [int(z) for z in computed],
                       time.perf_counter() - outcome.run.started, outcome.engine_seconds,
