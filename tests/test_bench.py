@@ -341,6 +341,12 @@ def test_loop_mean_over_cases_pairs_policies_and_plots_one_panel(tmp_path):
     assert sug["paired_cases"] == rnd["paired_cases"] == 5
     assert sug["mean_slices_paired"] == pytest.approx(expect_s)
     assert sug["ratio_to_random"] == pytest.approx(expect_s / expect_r) and rnd["ratio_to_random"] == 1.0
+    assert sug["mean_slices_all"] == pytest.approx(expect_s) and sug["ratio_to_random_all"] == pytest.approx(expect_s / expect_r)
+    # a curve cut before the target counts as one slice past its end (a lower bound)
+    cut = bloop.run_loop(np.zeros(gt.shape, np.int16), gt, (2.0, 1.0, 1.0), methods=("nearest",), policies=("random",),
+                         k=3, engine_factory=lambda m: NearestEngine(), max_rounds=2, case="cut")
+    row = bloop.loop_summary([cut])["curves"][0]["reached"]["0.95"]
+    assert row["cases_reached"] == 0 and row["mean_slices_all"] == 3 and row["ratio_to_random_all"] == 1.0
     # Dice after n corrections: n = 0 is the start; a curve that stopped keeps its last value
     starts = [next(c for c in r["curves"] if c["policy"] == "suggest")["rounds"] for r in results]
     assert rows["suggest"]["dice_after"]["0"] == pytest.approx(np.mean([rs[0]["mean_dice"] for rs in starts]))

@@ -370,13 +370,22 @@ def _dice_after(curve: Mapping[str, Any], n: int) -> float:
     return float(best)
 
 
+def _slices_to(curve: Mapping[str, Any], target: str) -> int:
+    """Corrected slices to reach ``target``; one more than the curve corrected when it never did
+    (a lower bound: the curve was cut by ``--max-rounds``)."""
+    hit = curve["reached"].get(target)
+    return int(hit["corrected"]) if hit else int(curve["rounds"][-1]["corrected"]) + 1
+
+
 def loop_summary(results: Sequence[Mapping[str, Any]], checkpoints: Sequence[int] = (0, 5, 10, 20, 40)) -> dict[str, Any]:
     """The mean over cases (PROTOCOL.md section 4) of each (method, policy) curve.
 
     Per curve: the cases, how many reached each target, the mean corrected slices to it over
     the cases that reached it under every policy of that method (paired, so policies are
-    compared on the same cases), the ratio of those means to the ``random`` policy's, and the
-    mean Dice after fixed numbers of corrected slices.
+    compared on the same cases), the ratio of those means to the ``random`` policy's, the same
+    over every case with an unreached target counted as one slice past the curve's end
+    (``mean_slices_all``, ``ratio_to_random_all``), and the mean Dice after fixed numbers of
+    corrected slices.
     """
     by: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for res in results:
@@ -400,6 +409,11 @@ def loop_summary(results: Sequence[Mapping[str, Any]], checkpoints: Sequence[int
             if "random" in peers and paired:
                 rnd = float(np.mean([peers["random"][case]["reached"][t]["corrected"] for case in paired]))
                 row["ratio_to_random"] = mean / rnd if rnd else math.nan
+            # every case, a curve that never reached t counted as one slice more than it corrected
+            row["mean_slices_all"] = float(np.mean([_slices_to(c, t) for c in curves]))
+            if "random" in peers:
+                rnd_all = [_slices_to(peers["random"][c["case"]], t) for c in curves if c["case"] in peers["random"]]
+                row["ratio_to_random_all"] = row["mean_slices_all"] / float(np.mean(rnd_all)) if rnd_all else math.nan
             entry["reached"][t] = row
         out.append(entry)
     return {"curves": out, "cases": len(results)}
@@ -413,9 +427,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     targets = list(curves[0]["reached"])
     points = list(curves[0]["dice_after"])
     lines = [f"## Mean over {summary['cases']} cases", "",
-             "| method | policy | " + " | ".join(f"reached {t} | slices to {t} (paired) | x random" for t in targets)
+             "| method | policy | " + " | ".join(f"reached {t} | slices to {t} (paired) | x random | "
+                                                 f"slices to {t} (all) | x random (all)" for t in targets)
              + " | " + " | ".join(f"Dice after {n}" for n in points) + " |",
-             "|" + "---|" * (2 + 3 * len(targets) + len(points))]
+             "|" + "---|" * (2 + 5 * len(targets) + len(points))]
     for c in curves:
         cells = []
         for t in targets:
@@ -424,10 +439,13 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             cells += [f"{r['cases_reached']}/{c['cases']}",
                       "-" if math.isnan(r["mean_slices_paired"]) else f"{r['mean_slices_paired']:.1f} ({r['paired_cases']})",
                       "-" if math.isnan(ratio) else f"{ratio:.2f}"]
+            ratio_all = r.get("ratio_to_random_all", math.nan)
+            cells += [f"{r['mean_slices_all']:.1f}", "-" if math.isnan(ratio_all) else f"{ratio_all:.2f}"]
         cells += [f"{c['dice_after'][n]:.3f}" for n in points]
         lines.append(f"| {c['method']} | {c['policy']} | " + " | ".join(cells) + " |")
     lines += ["", "Paired: over the cases that reached the target under every policy of that method; x random = "
-              "that mean over the random policy's on the same cases. Dice after n: curves that stopped earlier "
+              "that mean over the random policy's on the same cases. All: every case, a target not reached "
+              "counted as one slice past the curve's last correction (a lower bound when --max-rounds cut it). Dice after n: curves that stopped earlier "
               "keep their last value.", ""]
     return "\n".join(lines)
 
