@@ -60,6 +60,8 @@ def test_labels_running_off_the_outermost_anchor_point_beyond_it():
 def test_nothing_doubtful_falls_back_to_the_longest_stretch():
     labels = np.zeros((20, 8, 8), dtype=np.uint8)
     assert suggest_slice(labels, [0, 4]) == 12
+    d = slice_doubt(labels, [0, 4])  # the engine's confidence (1 - d) names the same slice
+    assert int(np.argmax(d)) == 12 and d[[0, 4]].tolist() == [0.0, 0.0]
 
 
 def test_locked_labels_are_not_scored():

@@ -151,8 +151,10 @@ def suggest_slice(labels: np.ndarray, anchors: Sequence[int], *, model: CheckNex
 
 def slice_doubt(labels: np.ndarray, anchors: Sequence[int], *, model: CheckNextModel = CheckNextModel(),
                 locked_labels: Sequence[int] = ()) -> np.ndarray:
-    """(Z,) per-slice doubt in [0, 1] for display: each gap's expected gain, shaped
-    ``4 t (1 - t)`` across the gap and scaled so the most doubtful slice is 1; 0 on anchors."""
+    """(Z,) per-slice doubt in [0, 1]: each gap's expected gain, shaped ``4 t (1 - t)``
+    across the gap and scaled so the most doubtful slice is 1; 0 on anchors. Its maximum is
+    the slice :func:`suggest_slice` names (when no gap is doubtful, both fall back to the
+    middle of the longest stretch without an anchor)."""
     z = np.asarray(labels).shape[0]
     doubt = np.zeros(z, dtype=np.float64)
     for gain, lo, hi in gap_gains(labels, anchors, model=model, locked_labels=locked_labels):
@@ -160,4 +162,10 @@ def slice_doubt(labels: np.ndarray, anchors: Sequence[int], *, model: CheckNextM
             t = (s - lo) / (hi - lo)
             doubt[s] = max(doubt[s], gain * 4.0 * t * (1.0 - t))
     peak = doubt.max()
+    if peak <= 0:  # nothing doubtful by the model: the same fallback as suggest_slice
+        marks = np.array(sorted({int(a) for a in anchors if 0 <= int(a) < z} | {-1, z}))
+        s = np.arange(z)
+        doubt = np.min(np.abs(s[:, None] - marks[None, :]), axis=1).astype(np.float64)
+        doubt[[m for m in marks if 0 <= m < z]] = 0.0
+        peak = doubt.max()
     return (doubt / peak if peak > 0 else doubt).astype(np.float32)
