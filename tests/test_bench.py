@@ -347,6 +347,12 @@ def test_loop_mean_over_cases_pairs_policies_and_plots_one_panel(tmp_path):
                          k=3, engine_factory=lambda m: NearestEngine(), max_rounds=2, case="cut")
     row = bloop.loop_summary([cut])["curves"][0]["reached"]["0.95"]
     assert row["cases_reached"] == 0 and row["mean_slices_all"] == 3 and row["ratio_to_random_all"] == 1.0
+    # a start already past the target: 0 slices under every policy, no ratio (not a division by zero)
+    easy = bloop.run_loop(np.zeros(gt.shape, np.int16), gt, (2.0, 1.0, 1.0), methods=("nearest",),
+                          policies=("suggest", "random"), k=3, targets=(0.1,), engine_factory=lambda m: NearestEngine(), case="easy")
+    easy_rows = {c["policy"]: c["reached"]["0.10"] for c in bloop.loop_summary([easy, easy])["curves"]}
+    assert easy_rows["suggest"]["mean_slices_all"] == 0 and math.isnan(easy_rows["suggest"]["ratio_to_random_all"])
+    assert "Mean over 2 cases" in bloop.summary_markdown(bloop.loop_summary([easy, easy]))
     # Dice after n corrections: n = 0 is the start; a curve that stopped keeps its last value
     starts = [next(c for c in r["curves"] if c["policy"] == "suggest")["rounds"] for r in results]
     assert rows["suggest"]["dice_after"]["0"] == pytest.approx(np.mean([rs[0]["mean_dice"] for rs in starts]))

@@ -413,7 +413,8 @@ def loop_summary(results: Sequence[Mapping[str, Any]], checkpoints: Sequence[int
             row["mean_slices_all"] = float(np.mean([_slices_to(c, t) for c in curves]))
             if "random" in peers:
                 rnd_all = [_slices_to(peers["random"][c["case"]], t) for c in curves if c["case"] in peers["random"]]
-                row["ratio_to_random_all"] = row["mean_slices_all"] / float(np.mean(rnd_all)) if rnd_all else math.nan
+                rnd_mean = float(np.mean(rnd_all)) if rnd_all else 0.0
+                row["ratio_to_random_all"] = row["mean_slices_all"] / rnd_mean if rnd_mean else math.nan
             entry["reached"][t] = row
         out.append(entry)
     return {"curves": out, "cases": len(results)}
