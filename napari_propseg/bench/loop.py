@@ -475,13 +475,7 @@ def plot_loop(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
             ys = [r["mean_dice"] for r in c["rounds"]]
             ls, mk = styles.get(c["policy"], ("-", "."))
             ax.plot(xs, ys, linestyle=ls, marker=mk, markersize=3, color=col, label=f"{c['method']} / {c['policy']}")
-        for t in res["targets"]:
-            ax.axhline(t, color="grey", lw=0.6, alpha=0.6)
-        ax.set_xlabel("corrected slices")
-        ax.set_ylabel("mean Dice (volume)")
-        ax.set_title(f"{res['case']} (start: {res['start']})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _decorate(ax, res["targets"], f"{res['case']} (start: {res['start']})")
     return save_figure(fig, path)
 
 
@@ -503,14 +497,19 @@ def _plot_mean_curves(results, path, Figure, styles, colours, palette) -> Path:
         for y in ys:
             ax.plot(xs, y, linestyle=ls, color=col, lw=0.5, alpha=0.2)
         ax.plot(xs, np.mean(ys, axis=0), linestyle=ls, color=col, lw=2.0, label=f"{method} / {policy} (mean of {len(ys)})")
-    for t in results[0]["targets"]:
+    _decorate(ax, results[0]["targets"], f"{len(results)} cases (start: {results[0]['start']})")
+    return save_figure(fig, path)
+
+
+def _decorate(ax, targets, title: str) -> None:
+    """Target lines, axis labels, title, grid and legend of a loop panel."""
+    for t in targets:
         ax.axhline(t, color="grey", lw=0.6, alpha=0.6)
     ax.set_xlabel("corrected slices")
     ax.set_ylabel("mean Dice (volume)")
-    ax.set_title(f"{len(results)} cases (start: {results[0]['start']})", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    return save_figure(fig, path)
 
 
 def write_loop_report(results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,

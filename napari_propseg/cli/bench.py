@@ -102,12 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--out", default=None, metavar="DIR", help="also write speed.json there")
     ps.set_defaults(func=run_speed_cmd)
 
-    from ..bench import gui as _gui  # light: Qt and napari are imported when it runs
-
     pgui = sub.add_parser("gui", help="longest event-loop block of the PropSeg widget during propagate / re-propagate (needs a display, e.g. xvfb-run)",
-                          description=_gui.__doc__.split("\n")[0])
-    _gui.add_arguments(pgui)
-    pgui.set_defaults(func=_gui.run_cli)
+                          description="GUI benchmark: how long the PropSeg dock blocks napari's event loop during a run.")
+    add_gui_arguments(pgui)
+    pgui.set_defaults(func=run_gui_cmd)
 
     pg = sub.add_parser("segment", help="fully automatic segmentation (propseg segment) of every case of a dataset, scored per organ",
                         description="Run 'propseg segment' (the reference model's suggested slices, then propagation) on every "
@@ -169,6 +167,24 @@ def _device(name: str) -> str:
     from ..device import resolve_device
 
     return str(resolve_device(name))
+
+
+def add_gui_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``propseg bench gui`` (run by :mod:`napari_propseg._widget.bench`)."""
+    p.add_argument("--image", default=None, help="a CT file (default: the phantom)")
+    p.add_argument("--labels", default=None, help="its labels (with --image)")
+    p.add_argument("--shape", default="129,512,512", help="phantom shape Z,Y,X (default 129,512,512)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--anchors", type=int, default=14, help="ground-truth anchor slices (default 14)")
+    p.add_argument("--method", default="interp", choices=("interp", "stcn"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--json", default=None, metavar="OUT", help="write the figures there")
+
+
+def run_gui_cmd(args: argparse.Namespace) -> int:
+    from .._widget.bench import run_cli  # the widget: Qt and napari are imported only here
+
+    return run_cli(args)
 
 
 def run_propagate(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import check_cancel
-from .gap import HU_EDGES, GuidedGap, bbox, distance_inside, grow, hu_bins, slice_sdf  # noqa: F401  (HU_EDGES: the bins)
+from .gap import HU_EDGES, GuidedGap, bbox, distance_inside, grow, hu_bins, slice_sdf, stray_pieces  # noqa: F401  (HU_EDGES: the bins)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the widget can read the defaults cheaply
     import torch
@@ -220,23 +220,10 @@ def drop_islands(idx: np.ndarray, d: np.ndarray) -> np.ndarray:
     when none does (an organ that moved away from the blend); the rest becomes background.
     The image may move a contour, not scatter specks of an organ around it."""
     out = idx.copy()
-    eight = np.ones((3, 3), bool)
     for i in range(1, d.shape[0] + 1):
-        m = idx == i
-        if not m.any():
-            continue
-        core = d[i - 1] < 0
-        if not (m & ~core).any():
-            continue  # nothing outside the prior: one piece with it or inside it
-        cc, n = ndimage.label(m, structure=eight)
-        if n <= 1:
-            continue  # one piece: an organ that moved is kept whole
-        keep = np.zeros(n + 1, bool)
-        keep[np.unique(cc[m & core])] = True
-        keep[0] = False
-        if not keep.any():  # no piece touches the prior (the organ moved away): keep the largest
-            keep[1 + int(np.argmax(np.bincount(cc[m])[1:]))] = True
-        out[m & ~keep[cc]] = 0
+        stray = stray_pieces(idx == i, d[i - 1] < 0)
+        if stray is not None:
+            out[stray] = 0
     return out
 
 

@@ -45,6 +45,24 @@ _HU_STEP = float(HU_EDGES[1] - HU_EDGES[0])
 EIGHT = np.ones((3, 3), bool)
 
 
+def stray_pieces(mask: np.ndarray, core: np.ndarray) -> np.ndarray | None:
+    """The pixels of ``mask`` in 8-connected pieces that do not touch ``core`` (the label's
+    shape prior, ``d < 0``); when no piece touches it (an organ that moved away from the
+    blend) every piece but the largest. None when there is nothing to drop (one piece, or
+    nothing outside the prior)."""
+    if not mask.any() or not (mask & ~core).any():
+        return None  # nothing outside the prior: one piece with it or inside it
+    cc, n = ndimage.label(mask, structure=EIGHT)
+    if n <= 1:
+        return None  # one piece: an organ that moved is kept whole
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(cc[mask & core])] = True
+    keep[0] = False
+    if not keep.any():
+        keep[1 + int(np.argmax(np.bincount(cc[mask])[1:]))] = True
+    return mask & ~keep[cc]
+
+
 def hu_bins(hu: np.ndarray) -> np.ndarray:
     """Bin index (int64) of each HU value in :data:`HU_EDGES`, clipped into the outer bins:
     ``searchsorted(HU_EDGES, hu, "right") - 1`` by arithmetic (float64, then one exact
@@ -296,18 +314,6 @@ class GuidedGap:
             if d is None:
                 continue
             sub = idx[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0]
-            m = sub == k + 1
-            if not m.any():
-                continue
-            core = d < 0
-            if not (m & ~core).any():
-                continue  # nothing outside the prior: one piece with it or inside it
-            cc, n = ndimage.label(m, structure=EIGHT)
-            if n <= 1:
-                continue
-            keep = np.zeros(n + 1, bool)
-            keep[np.unique(cc[m & core])] = True
-            keep[0] = False
-            if not keep.any():  # no piece touches the prior (the organ moved away): keep the largest
-                keep[1 + int(np.argmax(np.bincount(cc[m])[1:]))] = True
-            sub[m & ~keep[cc]] = 0
+            stray = stray_pieces(sub == k + 1, d < 0)
+            if stray is not None:
+                sub[stray] = 0

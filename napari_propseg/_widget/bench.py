@@ -17,8 +17,10 @@ summary and writes JSON.
 
 Run it under a display (Xvfb)::
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python -m napari_propseg.bench.gui --json gui.json
-    xvfb-run -a propseg bench gui --json gui.json          # the same through the CLI
+    xvfb-run -a -s "-screen 0 1600x1000x24" propseg bench gui --json gui.json
+
+(the options are in :func:`napari_propseg.cli.bench.add_gui_arguments`; this module is in
+the UI layer and is imported only when the benchmark runs).
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def _load(image: str | None, labels: str | None, shape: Sequence[int], seed: int
 
 def _machine() -> str:
     try:
-        from .report import machine_description
+        from ..bench.report import machine_description
 
         return machine_description()
     except Exception:  # noqa: BLE001 - a description only
@@ -188,7 +190,7 @@ def run_gui_benchmark(*, image: str | None = None, labels: str | None = None, sh
         settings._SETTINGS = NapariSettings(config_path=None)
     except Exception:  # noqa: BLE001
         pass
-    from .._widget import PropSegWidget
+    from .widget import PropSegWidget
     from ..session import layer_kwargs
 
     ct, gt, case = _load(image, labels, shape, seed)
@@ -261,18 +263,6 @@ def _print(res: dict[str, Any]) -> None:
           f"{TARGET_BLOCK_S * 1000:.0f} ms target); corrected slice {res['corrected_slice']} in gap {res['gap']}")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``propseg bench gui`` / ``python -m napari_propseg.bench.gui``."""
-    p.add_argument("--image", default=None, help="a CT file (default: the phantom)")
-    p.add_argument("--labels", default=None, help="its labels (with --image)")
-    p.add_argument("--shape", default="129,512,512", help="phantom shape Z,Y,X (default 129,512,512)")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
-    p.add_argument("--anchors", type=int, default=14, help="ground-truth anchor slices (default 14)")
-    p.add_argument("--method", default="interp", choices=("interp", "stcn"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--json", default=None, metavar="OUT", help="write the figures there")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; prints and writes JSON. Exit code 0."""
     if bool(args.image) != bool(args.labels):
@@ -289,13 +279,3 @@ def run_cli(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.json), json.dumps(res, indent=1), what="GUI benchmark JSON")
         print(f"wrote {args.json}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m napari_propseg.bench.gui", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
