@@ -143,7 +143,7 @@ def test_the_network_term_enters_the_guided_fusion():
 
     vol, gt, seeds, anchors = _bending_organ(depth=9, size=96)
 
-    def greedy_pass(start, start_values, targets, *, stop, tick, cancel):
+    def greedy_pass(start, start_values, targets, *, stop, tick, cancel, boxes=None):
         out = {}
         r = eng.resolution
         for z in targets:

@@ -149,13 +149,13 @@ def test_memory_stays_flat_as_the_volume_grows(weights):
         vol, lab, _ = _case(depth=depth, shape=(16, 16), anchors=(0, depth - 1))
         eng = _engine(vol, weights, memory_every=2, memory_cap=3)
         seen = []
-        real = eng.model.segment
+        real = eng.model.segment_boxes
 
-        def spy(qk, f16, f8, f4, mk, mv, **kw):
+        def spy(qk, query, mk, mv, boxes):
             seen.append(mk.shape[2])
-            return real(qk, f16, f8, f4, mk, mv, **kw)
+            return real(qk, query, mk, mv, boxes)
 
-        eng.model.segment = spy
+        eng.model.segment_boxes = spy
         eng.propagate(lab, [0, depth - 1])
         assert len(seen) == 2 * (depth - 2)
         sizes[depth] = (max(seen), eng.stats["memory_peak"])
@@ -230,14 +230,14 @@ def test_outward_propagation_stops_when_labels_vanish(weights):
     vol, lab, _ = _case(depth=20, anchors=(2, 6))
     eng = _engine(vol, weights, stop_patience=3)
     calls = []
-    real = eng.model.segment
+    real = eng.model.segment_boxes
 
-    def vanishing(qk, f16, f8, f4, mk, mv, **kw):
+    def vanishing(qk, query, mk, mv, boxes):
         calls.append(1)
-        out = real(qk, f16, f8, f4, mk, mv, **kw)
+        out = real(qk, query, mk, mv, boxes)
         return aggregate(torch.zeros(out.shape[0], out.shape[1] - 1, *out.shape[2:]))  # every object gone
 
-    eng.model.segment = vanishing
+    eng.model.segment_boxes = vanishing
     res = eng.propagate(lab, [2, 6])
     # below: 2 slices (< patience), between: 2 * 3, above: exactly `patience` slices then nothing
     assert len(calls) == 2 + 6 + 3
@@ -250,7 +250,7 @@ def test_fusion_favours_the_nearer_anchor(weights, monkeypatch):
     lab[1, 2:20, 2:18] = 1
     lab[10, 2:20, 2:18] = 2
 
-    def fake_pass(start, start_values, targets, *, stop, tick, cancel):
+    def fake_pass(start, start_values, targets, *, stop, tick, cancel, boxes=None):
         k = start_values.shape[1]
         out = {}
         for z in targets:
@@ -279,7 +279,7 @@ def test_sdf_prior_keeps_a_small_organ_the_network_loses(weights, monkeypatch):
     lab[10, 9:14, 7:11] = 1
     lab[1, 14:22, 10:18] = 2  # a second object that stays background-free of the first
 
-    def blind_pass(start, start_values, targets, *, stop, tick, cancel):
+    def blind_pass(start, start_values, targets, *, stop, tick, cancel, boxes=None):
         out = {}
         for z in targets:
             p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
@@ -410,7 +410,7 @@ def test_objects_too_small_for_the_memory_follow_the_prior(weights, monkeypatch)
     lab[1, 8:12, 6:9] = 1
     lab[10, 9:13, 7:10] = 1
 
-    def greedy_pass(start, start_values, targets, *, stop, tick, cancel):
+    def greedy_pass(start, start_values, targets, *, stop, tick, cancel, boxes=None):
         out = {}
         for z in targets:
             p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
@@ -435,7 +435,7 @@ def test_outward_slices_next_to_a_lone_anchor_are_doubtful_and_stale_passes_go(w
     lab[:] = 0
     lab[6, 4:12, 3:10] = 1
 
-    def reach_three(start, start_values, targets, *, stop, tick, cancel):
+    def reach_three(start, start_values, targets, *, stop, tick, cancel, boxes=None):
         out = {}
         for z in targets:
             p = torch.zeros(start_values.shape[1] + 1, RES, RES, dtype=torch.uint8)
@@ -514,3 +514,14 @@ def test_interp_needs_no_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+def test_object_boxes_follow_the_extent_with_a_margin_and_keep_the_last_box():
+    from napari_propseg.propagation.stcn_passes import object_boxes
+
+    masks = torch.zeros(3, 64, 64)
+    masks[0, 20:30, 33:40] = 0.9  # rows 20-29 lie in cell row 1, columns 33-39 in cell column 2
+    masks[1, 0:5, 60:64] = 0.9
+    assert object_boxes(masks, 0.5, 4, 1)[:2] == [(0, 3, 1, 4), (0, 2, 2, 4)]
+    assert object_boxes(masks, 0.5, 4, 0)[2] == (0, 4, 0, 4)  # nowhere: the whole frame
+    assert object_boxes(masks, 0.5, 4, 0, previous=[(0, 1, 0, 1)] * 3)[2] == (0, 1, 0, 1)  # nowhere: its last box

@@ -192,3 +192,39 @@ def test_load_stcn_roundtrip_and_mismatch(tmp_path):
     weird = save_weights(tmp_path / "weird.pt", "stcn", dict(net.config, norm="layer"), net.state_dict())
     with pytest.raises(InputError, match="cannot build"):
         load_stcn(weird)
+
+
+def test_boxed_decoding_equals_whole_slices_and_stays_in_its_box(net):
+    """segment_boxes with whole-frame boxes is segment; a smaller box leaves its object
+    probability 0 outside and matches the whole-slice decoding away from the box edge."""
+    torch.manual_seed(1)
+    res = 128
+    h = res // 16
+    model = build_stcn(dict(net.config, resolution=res)).eval()
+    with torch.no_grad():
+        key, f16, f8, f4 = model.encode_key(torch.rand(1, 3, res, res))
+        mk = torch.randn(1, model.config["key_dim"], 2, h, h)
+        mv = torch.randn(1, 3, model.config["value_dim"], 2, h, h)
+        whole = model.segment(key, f16, f8, f4, mk, mv)
+        query = model.decoder_query(f16, f8, f4)
+        same = model.segment_boxes(key, query, mk, mv, [(0, h, 0, h)] * 3)
+        torch.testing.assert_close(same, whole, atol=1e-4, rtol=1e-4)
+        boxed = model.segment_boxes(key, query, mk, mv, [(0, h, 0, h), (1, 7, 2, 8), (0, h, 0, h)])
+    p_whole, p_boxed = torch.softmax(whole, 1)[0], torch.softmax(boxed, 1)[0]
+    outside = torch.ones(res, res, dtype=torch.bool)
+    outside[16:112, 32:128] = False
+    assert p_boxed[2][outside].max() < 1e-5
+    assert p_boxed[2][~outside].max() > 1e-3
+    inner = (p_boxed[2, 48:80, 64:96] - p_whole[2, 48:80, 64:96]).abs().max()
+    edge = (p_boxed[2][~outside] - p_whole[2][~outside]).abs().max()
+    assert inner <= edge
+
+
+def test_boxed_decoding_rejects_a_box_per_object_mismatch():
+    net = build_stcn(dict(CPU_CONFIG, resolution=RES)).eval()
+    h = RES // 16
+    with torch.no_grad():
+        key, f16, f8, f4 = net.encode_key(torch.rand(1, 3, RES, RES))
+        with pytest.raises(ValueError, match="one box per object"):
+            net.segment_boxes(key, net.decoder_query(f16, f8, f4), torch.rand(1, 64, 1, h, h), torch.rand(1, 2, 256, 1, h, h),
+                              [(0, h, 0, h)])

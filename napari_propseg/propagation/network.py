@@ -203,6 +203,62 @@ class Decoder(nn.Module):
         x = self.pred(F.relu(x))
         return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
 
+    def query(self, qv: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Inference: the parts of the decoder that depend on the slice alone, over the whole
+        frame, for :meth:`decode_boxes` (computed once per slice and reused by every object
+        and every pass through it).
+
+        The first 1/16 convolutions see ``cat(mem, qv)``; a convolution of a concatenation
+        is the sum of convolutions of its parts, so their query half is computed here.
+
+        Args:
+            qv: (1, Cv, h, w) compressed query feature. f8, f4: key-encoder skips.
+
+        Returns:
+            ``(q1, qd, s8, s4)``: the query half of ``compress.conv1`` (bias included), of
+            ``compress.downsample`` (``qv`` itself when there is none) and both skip
+            projections.
+        """
+        cv = qv.shape[1]
+        comp = self.compress
+        q1 = F.conv2d(F.relu(qv), comp.conv1.weight[:, cv:], comp.conv1.bias, padding=1)
+        qd = qv if comp.downsample is None else F.conv2d(qv, comp.downsample.weight[:, cv:], comp.downsample.bias, padding=1)
+        return q1, qd, self.up_16_8.skip_conv(f8), self.up_8_4.skip_conv(f4)
+
+    def decode_boxes(self, mem: torch.Tensor, query: tuple[torch.Tensor, ...], boxes: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        """Inference: each object decoded only inside its own box (the weights of
+        :meth:`forward`). With a box of the whole frame the result equals :meth:`forward`
+        up to rounding; with smaller boxes it differs only within the decoder's reach of
+        the box edge.
+
+        Args:
+            mem: (K, Cv, h, w) memory readout of each object.
+            query: :meth:`query` of the slice.
+            boxes: K boxes ``(y0, y1, x0, x1)`` in 1/16 cells (end exclusive).
+
+        Returns:
+            K logits, object k's of shape (1, 1, 16 (y1 - y0), 16 (x1 - x0)).
+        """
+        q1, qd, s8, s4 = query
+        cv = mem.shape[1]
+        comp = self.compress
+        w1m = comp.conv1.weight[:, :cv]
+        wdm = None if comp.downsample is None else comp.downsample.weight[:, :cv]
+        out = []
+        for k, (y0, y1, x0, x1) in enumerate(boxes):
+            m = mem[k:k + 1, :, y0:y1, x0:x1]
+            h1 = F.conv2d(F.relu(m), w1m, None, padding=1) + q1[..., y0:y1, x0:x1]
+            if wdm is None:
+                skip = torch.cat([m, qd[..., y0:y1, x0:x1]], dim=1)
+            else:
+                skip = F.conv2d(m, wdm, None, padding=1) + qd[..., y0:y1, x0:x1]
+            x = skip + comp.conv2(F.relu(h1))
+            for up, sk in ((self.up_16_8, s8[..., 2 * y0:2 * y1, 2 * x0:2 * x1]), (self.up_8_4, s4[..., 4 * y0:4 * y1, 4 * x0:4 * x1])):
+                x = up.out_conv(sk + F.interpolate(x, size=sk.shape[-2:], mode="bilinear", align_corners=False))
+            x = self.pred(F.relu(x))
+            out.append(F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False))
+        return out
+
 
 # --------------------------------------------------------------------------- functional core
 def memory_affinity(mk: torch.Tensor, qk: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -393,6 +449,40 @@ class STCN(nn.Module):
         prob = torch.sigmoid(logit.float()).view(b, k, *logit.shape[-2:])
         if object_mask is not None:
             prob = prob * object_mask.to(prob.dtype)[:, :, None, None]
+        return aggregate(prob)
+
+    def decoder_query(self, qf16: torch.Tensor, qf8: torch.Tensor, qf4: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Inference: the object-free part of decoding one slice (:meth:`Decoder.query`),
+        for :meth:`segment_boxes`; depends on the slice alone, so callers cache it."""
+        return self.decoder.query(self.key_comp(qf16), qf8, qf4)
+
+    def segment_boxes(self, qk: torch.Tensor, query: tuple[torch.Tensor, ...], mk: torch.Tensor, mv: torch.Tensor,
+                      boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """:meth:`segment` for one slice (B = 1) with each object decoded only inside its box.
+
+        Inference only: an object has probability 0 outside its box (``(y0, y1, x0, x1)``
+        in 1/16 cells), which the caller places around where the object can be (the
+        engine: its extent on the previous slice, widened by a margin). Whole-frame boxes
+        give :meth:`segment` up to rounding.
+
+        Args:
+            qk: (1, Ck, h, w) query key.
+            query: :meth:`decoder_query` of the query slice.
+            mk, mv: memory keys and values, as for :meth:`segment`.
+            boxes: one box per object.
+
+        Returns:
+            (1, K+1, 16h, 16w) logits after soft aggregation (index 0 = background).
+        """
+        b, k, cv, t, h, w = mv.shape
+        if b != 1 or len(boxes) != k:
+            raise ValueError(f"segment_boxes needs one slice and one box per object, got batch {b}, {k} objects, {len(boxes)} boxes")
+        aff = memory_affinity(mk, qk, self.top_k)  # 1, THW, HW (float32)
+        mem = torch.bmm(mv.reshape(1, k * cv, t * h * w), aff.to(mv.dtype)).view(k, cv, h, w)
+        logits = self.decoder.decode_boxes(mem.to(query[0].dtype), query, boxes)
+        prob = torch.zeros((1, k, 16 * h, 16 * w), dtype=torch.float32, device=qk.device)
+        for i, ((y0, y1, x0, x1), logit) in enumerate(zip(boxes, logits)):
+            prob[0, i, 16 * y0:16 * y1, 16 * x0:16 * x1] = torch.sigmoid(logit.float())[0, 0]
         return aggregate(prob)
 
     # ------------------------------------------------------------------ training path

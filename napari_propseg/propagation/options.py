@@ -17,12 +17,15 @@ PRIORS = ("none", "sdf")
 DEFAULT_ADAPT_STEPS = 30
 #: Exponent of the network's probabilities in the image-guided fusion (see ``network_weight``).
 NETWORK_WEIGHT = 0.5
+#: Cells (1/16 of the network's working resolution) added on every side of an object's extent
+#: on the previous slice to form the box the STCN decoder works in (see ``decode_margin``).
+DECODE_MARGIN = 2
 #: Confidence given to slices this engine never computed (unknown, neither good nor bad).
 UNKNOWN_CONFIDENCE = 0.5
 
 
 def check_engine_options(*, method, memory_every, memory_cap, stop_threshold, stop_patience, prior, prior_weight,
-                         prior_small_cells, pass_cache_mb, adapt_steps, network_weight) -> None:
+                         prior_small_cells, pass_cache_mb, adapt_steps, network_weight, decode_margin=DECODE_MARGIN) -> None:
     """Raise :class:`~napari_propseg.errors.InputError` for an option out of range."""
     if method not in METHODS:
         raise InputError(f"Unknown propagation method {method!r}; use one of {', '.join(METHODS)}.")
@@ -42,6 +45,8 @@ def check_engine_options(*, method, memory_every, memory_cap, stop_threshold, st
         raise InputError(f"adapt_steps must be 0 or more, got {adapt_steps}.")
     if not (math.isfinite(float(network_weight)) and float(network_weight) >= 0.0):
         raise InputError(f"network_weight must be a finite number, 0 or more, got {network_weight}.")
+    if decode_margin is not None and int(decode_margin) < 0:
+        raise InputError(f"decode_margin must be a number of memory cells, 0 or more (or None for the whole slice), got {decode_margin}.")
     if int(adapt_steps) > 0 and method != "stcn":
         raise InputError(f"Online adaptation (adapt_steps={adapt_steps}) fine-tunes the STCN network; use method='stcn' or adapt_steps=0.")
 
