@@ -235,7 +235,7 @@ def test_clinician_loop(viewer_widget, qtbot, tmp_path, monkeypatch):
     snapshot = layer.data.copy()
     n_undo = len(s.undo_stack)
     widget.propagate()
-    qtbot.waitUntil(lambda: widget._pbar is not None and widget._pbar.n >= 1, timeout=10000)
+    qtbot.waitUntil(lambda: widget._progress is not None and widget._progress[0] >= 1, timeout=10000)
     widget.cancel_btn.click()
     _wait_idle(qtbot, widget)
     assert widget.status.text() == "Propagation cancelled; the labels are unchanged."
@@ -487,7 +487,7 @@ def test_suggest_cancel_leaves_labels_and_anchors(viewer_widget, qtbot, monkeypa
     monkeypatch.setattr(inference, "suggest_slices", slow_suggest)
     widget.k_spin.setValue(50)
     widget.suggest_btn.click()
-    qtbot.waitUntil(lambda: widget._pbar is not None and widget._pbar.n >= 1, timeout=10000)
+    qtbot.waitUntil(lambda: widget._progress is not None and widget._progress[0] >= 1, timeout=10000)
     widget.cancel_btn.click()
     _wait_idle(qtbot, widget)
     assert widget.last_error is None, widget.last_error
@@ -677,3 +677,21 @@ def test_model_picker_lists_installed_models_and_suggest_uses_it(viewer_widget, 
     assert widget.last_error is None, widget.last_error
     assert seen["model"] == "head_neck" and seen["k"] is None
     assert "head_neck" in widget.status_text()
+
+
+@pytest.mark.slow
+def test_gui_benchmark_reports_both_phases_from_the_real_widget(qapp, tmp_path, monkeypatch):
+    """``propseg bench gui`` on a small phantom: both phases run through the widget, end idle
+    and report the event-loop blocks, the slices changed and the status line."""
+    from napari_propseg._widget.bench import run_gui_benchmark
+
+    monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path))
+    res = run_gui_benchmark(shape=(24, 96, 96), n_anchors=4, method="interp", timeout=120)
+    assert res["anchors"] == sorted(res["anchors"]) and len(res["anchors"]) == 4
+    for name in ("propagate", "repropagate"):
+        phase = res[name]
+        assert phase["seconds"] > 0 and phase["engine_seconds"] > 0 and 0 <= phase["max_block_s"] < 5
+        assert phase["slices_changed"] >= 1 and phase["ticks"] > 1
+        assert "slices changed in" in phase["status"]
+    lo, hi = res["gap"]
+    assert set(res["repropagate"]["recomputed"]) <= set(range(lo + 1, hi))  # only the gaps next to the correction

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 #: Longest stretch (seconds) of write-back work done in one turn of the event loop.
 STEP_BUDGET_S = 0.04
+#: The dock's progress bar is redrawn at most this often (seconds). Every redraw repaints
+#: the window; with software OpenGL (no GPU, remote desktops) a redraw per slice, and
+#: napari's animated activity indicator, took about half the CPU of a 2-core machine and
+#: doubled the propagation time (``propseg bench gui``).
+PROGRESS_EVERY_S = 0.25
 
 
 #: Modules the first run needs, imported in the background when the dock opens: loading
@@ -73,17 +78,20 @@ class JobsMixin:
     def _start(self, fn, on_done, what: str, total: int, job: str) -> None:
         """Run ``fn`` in a worker; ``on_done(result)`` in the GUI thread; ``what`` names the
         progress bar ("Propagating"), ``job`` the job in messages ("Propagation").
-        The progress shows in the dock's bar and in napari's activity panel.
 
         ``on_done`` may be a generator function: its steps then run on the GUI thread for
         at most :data:`STEP_BUDGET_S` per event-loop turn, and the job counts as running
-        (:meth:`is_busy`) until the last one."""
+        (:meth:`is_busy`) until the last one.
+
+        The progress shows in the dock's own bar, redrawn at most every
+        :data:`PROGRESS_EVERY_S` (not in napari's activity panel, whose animation alone
+        costs a core under software rendering)."""
         from napari.qt.threading import create_worker
-        from napari.utils import progress
 
         self._cancel.clear()
         self._job = job
-        self._pbar = progress(total=total, desc=what)
+        self._progress = (0, int(total), what)
+        self._progress_shown = 0.0
         self.progress_bar.setRange(0, max(0, int(total)))  # 0..0: busy indicator
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat(f"{what}: %v / %m" if total else what)
@@ -136,13 +144,13 @@ class JobsMixin:
 
     @guarded
     def _on_progress(self, step: int, total: int, message: str) -> None:
-        pbar = self._pbar
-        if pbar is None or self._worker is None:  # a late signal after the job ended
+        if self._progress is None or self._worker is None:  # a late signal after the job ended
             return
-        pbar.total = total
-        pbar.n = step
-        pbar.set_description(message or "")
-        pbar.refresh()
+        self._progress = (int(step), int(total), message or "")
+        now = time.perf_counter()
+        if now - self._progress_shown < PROGRESS_EVERY_S and step < total:
+            return
+        self._progress_shown = now
         self.progress_bar.setRange(0, max(0, int(total)))
         self.progress_bar.setValue(int(step))
         self.progress_bar.setFormat(f"{message}  %v / %m" if message else "%v / %m")
@@ -161,9 +169,7 @@ class JobsMixin:
     def _finish_job(self) -> None:
         self._worker = None
         self._worker_done = False
-        pbar, self._pbar = self._pbar, None
-        if pbar is not None:
-            pbar.close()
+        self._progress = None
         self.progress_bar.setVisible(False)
         self._busy(False)
         todo, self._after_job = self._after_job, []

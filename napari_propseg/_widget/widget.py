@@ -60,7 +60,8 @@ class PropSegWidget(LayersMixin, JobsMixin, FilesMixin, QWidget):
         self._worker_done = False
         self._job = "The job"
         self._cancel = threading.Event()
-        self._pbar = None
+        self._progress: tuple[int, int, str] | None = None  # (step, total, message) of the running job
+        self._progress_shown = 0.0
         self._binding = False
         self._pending_edits: set[int] = set()
         self._resumable: Path | None = None
