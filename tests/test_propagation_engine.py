@@ -525,3 +525,33 @@ def test_object_boxes_follow_the_extent_with_a_margin_and_keep_the_last_box():
     assert object_boxes(masks, 0.5, 4, 1)[:2] == [(0, 3, 1, 4), (0, 2, 2, 4)]
     assert object_boxes(masks, 0.5, 4, 0)[2] == (0, 4, 0, 4)  # nowhere: the whole frame
     assert object_boxes(masks, 0.5, 4, 0, previous=[(0, 1, 0, 1)] * 3)[2] == (0, 1, 0, 1)  # nowhere: its last box
+
+
+@pytest.mark.slow
+def test_boxed_decoding_follows_the_objects_with_the_shipped_weights():
+    """The network alone (no prior, no image term), decoded in boxes and on whole slices,
+    gives nearly the same labels: a box that lost its object (wrong place, wrong axis,
+    stale extent) would cut it off."""
+    from napari_propseg.bench.cases import make_phantom_case
+    from napari_propseg.bench.protocol import make_seeds, start_slices
+    from napari_propseg.metrics import dice_from_counts
+    from napari_propseg.propagation.engine import default_weights_path
+
+    path = default_weights_path()
+    if not path.is_file():
+        pytest.skip("no shipped STCN weights")
+    case = make_phantom_case((24, 96, 96), (5.0, 3.2, 3.2), 3)
+    anchors = start_slices(case.labels, 3)
+    seeds = make_seeds(case.labels, anchors)
+    out = {}
+    for margin in (None, 2):
+        eng = PropagationEngine(case.image_hu, weights=str(path), device="cpu", spacing=case.spacing, prior="none",
+                                appearance={"weight": 0}, decode_margin=margin)
+        out[margin] = eng.propagate(seeds, anchors).labels
+    others = [z for z in range(case.labels.shape[0]) if z not in anchors]
+    ids = [int(i) for i in np.unique(case.labels[anchors]) if i]
+    for i in ids:
+        whole, boxed = out[None][others] == i, out[2][others] == i
+        if whole.sum() > 200:
+            assert dice_from_counts(int((boxed & whole).sum()), int(boxed.sum()), int(whole.sum())) > 0.95, i
+    assert (out[None] != out[2]).mean() < 0.01
