@@ -228,3 +228,19 @@ def test_boxed_decoding_rejects_a_box_per_object_mismatch():
         with pytest.raises(ValueError, match="one box per object"):
             net.segment_boxes(key, net.decoder_query(f16, f8, f4), torch.rand(1, 64, 1, h, h), torch.rand(1, 2, 256, 1, h, h),
                               [(0, h, 0, h)])
+
+
+def test_slice_values_share_the_common_parts_and_equal_encode_value(net):
+    torch.manual_seed(2)
+    res = 64
+    model = build_stcn(dict(net.config, resolution=res)).eval()
+    for p in model.parameters():  # away from the zero-initialised residual branches, so every part counts
+        p.data.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        frame = torch.rand(1, 3, res, res)
+        _, f16, _, _ = model.encode_key(frame)
+        masks = (torch.rand(1, 3, res, res) > 0.7).float()
+        whole = model.encode_value(frame, f16, masks, others_union(masks))
+        shared = model.encode_slice_values(frame, f16, masks, others_union(masks))
+    assert shared.shape == whole.shape
+    assert (shared - whole).abs().max() <= 1e-4 * whole.abs().max()  # float32 rounding only

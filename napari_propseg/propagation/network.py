@@ -415,6 +415,41 @@ class STCN(nn.Module):
         v = self.fuser(v16, f16.repeat_interleave(k, dim=0))  # B*K, Cv, h, w
         return v.view(b, k, *v.shape[1:])
 
+    def encode_slice_values(self, frame: torch.Tensor, f16: torch.Tensor, masks: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """Inference: :meth:`encode_value` for one slice (B = 1), the parts every object shares
+        computed once (equal up to rounding).
+
+        Two convolutions see a concatenation whose other half is the same for every object,
+        and a convolution of a concatenation is the sum of the convolutions of its parts:
+        the value trunk's first convolution (the 3 CT channels beside each object's two
+        masks) and the fuser's first block (the key feature beside each object's value
+        feature). Their shared halves are computed once instead of K times.
+
+        Args and returns: as :meth:`encode_value`, with B = 1.
+        """
+        b, k = masks.shape[:2]
+        if b != 1:
+            return self.encode_value(frame, f16, masks, others)
+        ve = self.value_encoder
+        stem = ve.conv1
+        nf = frame.shape[1]
+        shared = F.conv2d(frame, stem.weight[:, :nf], stem.bias, stride=stem.stride, padding=stem.padding)  # 1, 64, H/2, W/2
+        own = torch.stack([masks, others], dim=2).flatten(0, 1).to(frame.dtype)  # K, 2, H, W
+        x = shared + F.conv2d(own, stem.weight[:, nf:], None, stride=stem.stride, padding=stem.padding)
+        v16 = ve.layer3(ve.layer2(ve.layer1(ve.maxpool(ve.relu(ve.bn1(x))))))  # K, C, h, w
+        block = self.fuser.block1
+        c = v16.shape[1]
+        h1 = F.conv2d(F.relu(v16), block.conv1.weight[:, :c], None, padding=1) + F.conv2d(
+            F.relu(f16), block.conv1.weight[:, c:], block.conv1.bias, padding=1)
+        if block.downsample is not None:
+            skip = F.conv2d(v16, block.downsample.weight[:, :c], None, padding=1) + F.conv2d(
+                f16, block.downsample.weight[:, c:], block.downsample.bias, padding=1)
+        else:
+            skip = torch.cat([v16, f16.expand(k, -1, -1, -1)], dim=1)
+        x = skip + block.conv2(F.relu(h1))
+        v = self.fuser.block2(x + self.fuser.attention(x))
+        return v.view(b, k, *v.shape[1:])
+
     def segment(
         self,
         qk: torch.Tensor,

@@ -304,7 +304,7 @@ class StcnPasses:
     def encode_value(self, z: int, f16: torch.Tensor, masks: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
         """(1, K, Cv, h, w) values of slice z for (1, K, R, R) masks (others: their complements)."""
         with self.autocast():
-            v = self.model.encode_value(self.frame(z), f16, masks, others_union(masks) if others is None else others)
+            v = self.model.encode_slice_values(self.frame(z), f16, masks, others_union(masks) if others is None else others)
         self.stats["values_encoded"] += masks.shape[1]
         return v
 
