@@ -93,9 +93,8 @@ def _wait(app, cond, timeout: float, settle: float = 0.0) -> float:
     seconds more); returns the seconds until ``cond()`` held.
 
     A real ``QEventLoop`` sleeps between events, so the GUI thread takes no more CPU than
-    in a clinician's session; ``cond`` is checked by a timer every :data:`POLL_MS` ms.
-    (Spinning ``processEvents()`` instead kept the GUI thread at 100% of a core and slowed
-    the engine on a 2-core machine by about 1.8x.)
+    in a clinician's session (spinning ``processEvents()`` would take a core from the
+    engine); ``cond`` is checked by a timer every :data:`POLL_MS` ms.
 
     Raises:
         TimeoutError: ``cond()`` still false after ``timeout`` seconds.

@@ -28,10 +28,9 @@ log = logging.getLogger(__name__)
 
 #: Longest stretch (seconds) of write-back work done in one turn of the event loop.
 STEP_BUDGET_S = 0.04
-#: The dock's progress bar is redrawn at most this often (seconds). Every redraw repaints
-#: the window; with software OpenGL (no GPU, remote desktops) a redraw per slice, and
-#: napari's animated activity indicator, took about half the CPU of a 2-core machine and
-#: doubled the propagation time (``propseg bench gui``).
+#: The dock's progress bar is redrawn at most this often (seconds): every redraw repaints
+#: the whole window, which under software OpenGL (no GPU, remote desktops) costs CPU the
+#: engine needs (measured with ``propseg bench gui``, see the README).
 PROGRESS_EVERY_S = 0.25
 
 

@@ -15,9 +15,9 @@ here, so ``interp`` never loads it):
   slice (on the anchor: its mask) widened by ``decode_margin`` memory cells on every side;
   outside the box the object's probability is 0. The memory read and every object-free
   part of the decoder run once per slice over the whole frame
-  (:meth:`~.network.STCN.segment_boxes`), the slice's share of it cached with its key. On
-  the 129x512x512 phantom this cut the decoder's time about threefold;
-  ``decode_margin=None`` decodes whole slices.
+  (:meth:`~.network.STCN.segment_boxes`), the slice's share of it cached with its key;
+  ``decode_margin=None`` decodes whole slices (the choice of 2 is measured in
+  ``docs/ARCHITECTURE.md``, History).
 * **Passes are cached** (up to ``pass_cache_mb``): a pass depends only on its start anchor,
   its objects and the slices it crosses, so when a new anchor ``c`` splits the gap
   ``(a, b)`` the pass from ``a`` up to ``c`` is the beginning of the old pass from ``a`` up
