@@ -134,8 +134,10 @@ class PropagationRun:
                                  changed=self.changed, locked_labels=self.locked, progress=progress, cancel=cancel,
                                  engine=engine)
         engine_seconds = time.perf_counter() - t0
-        new = merge_result(self.labels, result.labels, self.anchors, self.locked)
-        candidates = changed_slices(self.labels, new)
+        new = merge_result(self.labels, result.labels, self.anchors, self.locked, in_place=True)  # a fresh engine result
+        # the engine leaves every slice it did not recompute as it was given
+        computed = getattr(result, "computed", None)
+        candidates = changed_slices(self.labels, new, computed if computed is not None and not self.locked else None)
         return RunOutcome(self, engine, result, new, candidates, ids_in(new), engine_seconds)
 
 
@@ -402,7 +404,9 @@ class Session:
         ids = np.fromiter(self.locked, dtype=np.int64)
         per = max(1, int(chunk_voxels) // max(1, int(np.prod(self.labels.shape[1:]))))
         changed: list[int] = []
-        before: list[np.ndarray] = []
+        # the undo record is filled step by step (stacking it at the end would copy every
+        # changed slice again in one go: a long block on a large CT)
+        before = np.empty((len(todo),) + self.labels.shape[1:], dtype=self.labels.dtype)
         for i in range(0, len(todo), per):
             zs = todo[i:i + per]
             new = outcome.new[zs]
@@ -412,12 +416,15 @@ class Session:
                 new[keep] = old[keep]
             differs = (new != old).reshape(len(zs), -1).any(axis=1)
             for j in np.flatnonzero(differs):
-                before.append(old[j])
+                before[len(changed)] = old[j]
                 self.labels[zs[j]] = new[j]
                 changed.append(int(zs[j]))
             yield
         if changed:
-            self.undo_stack.push(UndoStep(run.description, np.asarray(changed, dtype=np.int64), np.stack(before)))
+            kept = before[:len(changed)]
+            if 2 * len(changed) < len(todo):  # do not hold memory for slices that did not change
+                kept = kept.copy()
+            self.undo_stack.push(UndoStep(run.description, np.asarray(changed, dtype=np.int64), kept))
             self.dirty = True
         confidence = getattr(outcome.result, "confidence", None)
         if confidence is not None:

@@ -137,18 +137,22 @@ class AnchorBook:
         return book
 
 
-def changed_slices(before: np.ndarray, after: np.ndarray) -> list[int]:
+def changed_slices(before: np.ndarray, after: np.ndarray, among: Iterable[int] | None = None) -> list[int]:
     """Axial slices where two (Z, Y, X) label volumes differ.
 
     Args:
         before: (Z, Y, X) labels.
         after: (Z, Y, X) labels of the same shape.
+        among: only these slices are compared (the others are known to be equal, e.g.
+            those a re-propagation did not recompute); None compares every slice.
 
     Returns:
         Ascending z indices with at least one differing voxel.
     """
     if before.shape != after.shape:
         raise ValueError(f"shapes differ: {before.shape} vs {after.shape}")
+    if among is not None:
+        return [z for z in sorted({int(z) for z in among}) if not np.array_equal(before[z], after[z])]
     diff = before.reshape(before.shape[0], -1) != after.reshape(after.shape[0], -1)
     return [int(z) for z in np.flatnonzero(diff.any(axis=1))]
 
@@ -295,7 +299,7 @@ def _ranges(zs: Sequence[int]) -> str:
 
 
 def merge_result(labels: np.ndarray, result: np.ndarray, anchors: Sequence[int],
-                 locked: Iterable[int] = ()) -> np.ndarray:
+                 locked: Iterable[int] = (), *, in_place: bool = False) -> np.ndarray:
     """An engine result with the anchor slices and the locked label ids of ``labels`` kept.
 
     Args:
@@ -303,14 +307,16 @@ def merge_result(labels: np.ndarray, result: np.ndarray, anchors: Sequence[int],
         result: (Z, Y, X) the engine's labels.
         anchors: anchor slices (kept exactly as in ``labels``).
         locked: label ids that are neither added nor removed anywhere.
+        in_place: write into ``result`` itself when it already has ``labels``' dtype (the
+            caller owns it, e.g. a fresh engine result): saves a copy of the volume.
 
     Returns:
-        A new array of ``labels``' dtype.
+        An array of ``labels``' dtype (new, or ``result`` with ``in_place``).
     """
     new = np.asarray(result)
     if new.shape != labels.shape:
         raise ValueError(f"result shape {new.shape} differs from the labels' {labels.shape}")
-    new = new.astype(labels.dtype, copy=True)
+    new = new.astype(labels.dtype, copy=not in_place)
     zs = sorted(int(z) for z in anchors)
     if zs:
         new[zs] = labels[zs]

@@ -643,3 +643,18 @@ def test_save_in_background_writes_and_reports(tmp_path, monkeypatch):
     bare = Session(np.zeros((3, 2, 2), np.uint8))  # no image path and no folder: cannot be saved
     bare.save_in_background(on_done=lambda folder, exc: done.append((folder, exc))).join(60)
     assert done[-1][0] is None and isinstance(done[-1][1], InputError) and bare.dirty
+
+
+def test_changed_slices_among_compares_only_the_named_slices_and_merge_can_work_in_place():
+    a = np.zeros((5, 4, 4), np.uint8)
+    b = a.copy()
+    b[1, 0, 0] = 2
+    b[3, 1, 1] = 1
+    assert changed_slices(a, b, among=[3, 4]) == [3]
+    assert changed_slices(a, b, among=[4, 3, 3, 1]) == [1, 3]
+    from napari_propseg.session_state import merge_result
+
+    result = b.copy()
+    merged = merge_result(a, result, anchors=[1], in_place=True)
+    assert merged is result and not merged[1].any() and merged[3, 1, 1] == 1
+    assert merge_result(a, b, anchors=[1]) is not b and b[1, 0, 0] == 2  # the default leaves the result alone
