@@ -301,14 +301,9 @@ def _several_organs(depth=9, size=96):
     return vol, gt
 
 
-def test_the_numpy_fusion_gives_the_torch_fusions_labels():
-    """:class:`~napari_propseg.propagation.gap.GuidedGap` (no normalisation, each label in
-    its own box) labels every pixel as the whole-slice torch fusion does
-    (``guided_indices``), for several weights and softnesses."""
-    import torch
-
-    from napari_propseg.propagation.appearance import LOGLIK_SPAN, guided_indices
-    from napari_propseg.propagation.gap import GuidedGap
+def _gap_of_several_organs():
+    """The gap (0, 8) of :func:`_several_organs` with its intensity model and anchor SDFs:
+    ``(vol, gt, a, b, ids, opt, model, sdfs)``."""
     from napari_propseg.propagation.interp import _bracket_sdf
 
     vol, gt = _several_organs()
@@ -317,6 +312,19 @@ def test_the_numpy_fusion_gives_the_torch_fusions_labels():
     opt = AppearanceOptions()
     model = GapAppearance(vol[a], vol[b], gt[a], gt[b], ids, 1.0, opt)
     sdfs = [_bracket_sdf(gt[a] == i, gt[b] == i) for i in ids]
+    return vol, gt, a, b, ids, opt, model, sdfs
+
+
+def test_the_numpy_fusion_gives_the_torch_fusions_labels():
+    """:class:`~napari_propseg.propagation.gap.GuidedGap` (no normalisation, each label in
+    its own box) labels every pixel as the whole-slice torch fusion does
+    (``guided_indices``), for several weights and softnesses."""
+    import torch
+
+    from napari_propseg.propagation.appearance import LOGLIK_SPAN, guided_indices
+    from napari_propseg.propagation.gap import GuidedGap
+
+    vol, gt, a, b, ids, opt, model, sdfs = _gap_of_several_organs()
     for weight in (0.25, 1.0, 3.0):
         for z in (1, 4, 6):
             wa = (b - z) / (b - a)
@@ -386,15 +394,9 @@ def test_the_numpy_fusion_with_a_network_term_gives_the_torch_fusions_labels():
 
     from napari_propseg.propagation.appearance import LOGLIK_SPAN, guided_indices
     from napari_propseg.propagation.gap import GuidedGap
-    from napari_propseg.propagation.interp import _bracket_sdf
     from napari_propseg.propagation.stcn_fusion import NETWORK_FLOOR
 
-    vol, gt = _several_organs()
-    a, b = 0, 8
-    ids = [1, 2, 3]
-    opt = AppearanceOptions()
-    model = GapAppearance(vol[a], vol[b], gt[a], gt[b], ids, 1.0, opt)
-    sdfs = [_bracket_sdf(gt[a] == i, gt[b] == i) for i in ids]
+    vol, gt, a, b, ids, opt, model, sdfs = _gap_of_several_organs()
     rng = np.random.default_rng(3)
     for nw in (0.5, 1.0):
         for z in (2, 4):

@@ -37,6 +37,17 @@ def _vol(shape=(8, 6, 5)):
                              path=None)
 
 
+def _edited_session(z: int, value: int | None = None):
+    """``(geometry, Session)`` of :func:`_vol` with slice ``z`` recorded as edited (filled
+    with ``value`` when given)."""
+    geom = geometry_of(_vol())
+    s = Session(np.zeros(geom["shape"], np.uint8), geom)
+    if value is not None:
+        s.labels[z] = value
+    s.record_edit([z])
+    return geom, s
+
+
 def test_anchor_book_navigation_and_bracket():
     book = AnchorBook(10)
     book.set(2, "suggested")
@@ -437,9 +448,7 @@ def test_save_uses_the_atomic_writer_and_cleans_stale_temporaries(tmp_path, monk
     from napari_propseg.atomic import TMP_PREFIX
 
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
-    geom = geometry_of(_vol())
-    s = Session(np.zeros(geom["shape"], np.uint8), geom)
-    s.record_edit([1])
+    geom, s = _edited_session(1)
     folder = s.save()
     # temporaries of killed saves (the old writer's and the atomic writer's names)
     for name in (".tmp-abc123.npz", ".tmp-xyz.json", TMP_PREFIX + "q1.npz"):
@@ -465,10 +474,7 @@ def test_save_uses_the_atomic_writer_and_cleans_stale_temporaries(tmp_path, monk
 
 def test_damaged_session_files_raise_broken_session_and_can_be_kept_aside(tmp_path, monkeypatch):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
-    geom = geometry_of(_vol())
-    s = Session(np.zeros(geom["shape"], np.uint8), geom)
-    s.labels[2] = 3
-    s.record_edit([2])
+    geom, s = _edited_session(2, 3)
     folder = s.save()
     npz = folder / "labels-1.npz"
     data = npz.read_bytes()
@@ -507,9 +513,7 @@ def test_each_series_of_a_dicom_folder_has_its_own_session_folder(tmp_path):
 
 
 def test_keep_aside_renames_a_session_for_a_new_one(tmp_path):
-    geom = geometry_of(_vol())
-    s = Session(np.zeros(geom["shape"], np.uint8), geom)
-    s.record_edit([1])
+    geom, s = _edited_session(1)
     folder = s.save(tmp_path)
     moved = keep_aside(folder, "previous", when=0)
     assert sorted(p.name for p in moved) == [f"labels-1.npz.previous-{_stamp(0)}", f"session.json.previous-{_stamp(0)}"]
@@ -630,10 +634,7 @@ def test_export_writes_the_label_file_and_its_label_map(tmp_path):
 
 def test_save_in_background_writes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("PROPSEG_SESSION_HOME", str(tmp_path / "home"))
-    geom = geometry_of(_vol())
-    s = Session(np.zeros(geom["shape"], np.uint8), geom)
-    s.labels[2] = 1
-    s.record_edit([2])
+    geom, s = _edited_session(2, 1)
     done = []
     s.save_in_background(on_done=lambda folder, exc: done.append((folder, exc))).join(60)
     assert done == [(s.saved_path, None)] and s.saved_path is not None and not s.dirty

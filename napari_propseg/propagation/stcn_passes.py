@@ -215,7 +215,8 @@ class StcnPasses:
         self.stats = stats
         self._run = network_pass if network_pass is not None else self.run_pass
         self.keys: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.values: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (anchor, label) -> (slice digest, value)
+        # (anchor, label) -> (slice digest, value, the label's box on the anchor)
+        self.values: dict[tuple[int, int], tuple[bytes, torch.Tensor, Box]] = {}
         self._cache_dtype = torch.float16 if device.type == "cuda" else torch.float32
         # (start, direction, stop, digest of the start anchor's labels + locked ids) -> CachedPass, oldest used first
         self.passes: OrderedDict[tuple, CachedPass] = OrderedDict()
@@ -287,7 +288,8 @@ class StcnPasses:
         An object's anchor value depends only on the slice, its own mask and the union of
         the slice's other (unlocked) labels, not on which other objects the pass carries,
         so it is cached per (slice, label) and reused by every pass starting from this
-        anchor until the slice's labels change.
+        anchor until the slice's labels change; the label's box there (:meth:`anchor_boxes`)
+        is kept with it, from the same mask.
         """
         digest = slice_digest(label_slice, locked)
         missing = [i for i in objects if self.values.get((z, i), (None,))[0] != digest]
@@ -297,8 +299,10 @@ class StcnPasses:
             masks = self.masks(label_slice, missing)  # 1, M, R, R
             others = (fg - masks).clamp_(0.0, 1.0) if fg is not None else torch.zeros_like(masks)
             values = self.encode_value(z, self.features(z)[1], masks, others)[0]  # M, Cv, h, w
-            for i, v in zip(missing, values):
-                self.values[(z, i)] = (digest, v)
+            cells = self.model.resolution // 16
+            boxes = object_boxes(masks[0], 0.0, cells, 0 if self.decode_margin is None else self.decode_margin)
+            for i, v, box in zip(missing, values, boxes):
+                self.values[(z, i)] = (digest, v, box)
         return torch.stack([self.values[(z, i)][1] for i in objects]).unsqueeze(0)
 
     def encode_value(self, z: int, f16: torch.Tensor, masks: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,12 +312,12 @@ class StcnPasses:
         self.stats["values_encoded"] += masks.shape[1]
         return v
 
-    def anchor_boxes(self, label_slice: np.ndarray, objects: Sequence[int]) -> list[Box] | None:
-        """The objects' boxes on an anchor slice (None when whole slices are decoded)."""
+    def anchor_boxes(self, z: int, objects: Sequence[int]) -> list[Box] | None:
+        """The objects' boxes on anchor slice z, kept with their values by
+        :meth:`anchor_values` (None when whole slices are decoded)."""
         if self.decode_margin is None:
             return None
-        r = self.model.resolution
-        return object_boxes(self.masks(label_slice, objects)[0], 0.0, r // 16, self.decode_margin)
+        return [self.values[(z, i)][2] for i in objects]
 
     def run_pass(self, start: int, start_values: torch.Tensor, targets: list[int], *, stop: bool, tick: Tick,
                  cancel, boxes: list[Box] | None = None) -> dict[int, torch.Tensor]:
@@ -409,7 +413,7 @@ class StcnPasses:
             return {z: hit.probs[z] for z in targets}, objects
         values = self.anchor_values(start, labels[start], objects, locked)
         probs = self._run(start, values, targets, stop=stop, tick=tick, cancel=cancel,
-                          boxes=self.anchor_boxes(labels[start], objects))
+                          boxes=self.anchor_boxes(start, objects))
         self.stats["passes_run"] += 1
         if self._pass_budget > 0:
             entry = CachedPass(list(targets), probs)
